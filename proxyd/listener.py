@@ -1,0 +1,99 @@
+"""Named listening sockets: claim the path safely, bind it atomically.
+
+QEMU connects to the socket path and then unlinks it. A path that holds a socket
+nobody listens on any more is stale (a crashed helper) and is replaced; a path with
+a live listener or a file that is not a socket is never touched.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+from proxyd.config import EXIT_SOCKET_IN_USE, EXIT_USAGE, ConfigError
+
+
+def _has_listener(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except TimeoutError:
+        return True  # a listener whose backlog is full is still alive
+    except OSError as e:
+        return e.errno == errno.EAGAIN
+    finally:
+        probe.close()
+    return True
+
+
+def claim_path(path: str) -> bool:
+    """Make sure binding `path` harms nobody. Returns True if a stale socket was there.
+
+    Raises ConfigError if the path is a live socket or not a socket at all.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"socket path '{path}' exists and is not a socket", EXIT_USAGE)
+    if _has_listener(path):
+        raise ConfigError(f"socket path '{path}' is in use by a live listener",
+                          EXIT_SOCKET_IN_USE)  # fmt: skip
+    return True
+
+
+@dataclass
+class Listener:
+    sock: socket.socket
+    path: str
+    identity: tuple[int, int]  # (st_dev, st_ino) of the socket file we created
+
+    def still_bound(self) -> bool:
+        """Whether `path` still names our socket (QEMU unlinks it after connecting)."""
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.identity
+
+    def close(self, unlink: bool = True) -> None:
+        """Stop listening; remove the path if it is still ours, never a successor's."""
+        if unlink and self.still_bound():
+            os.unlink(self.path)
+        self.sock.close()
+
+
+def bind(path: str, uid: int, gid: int, mode: int = 0o770, backlog: int = 16) -> Listener:
+    """Listen on `path`, owned by uid:gid with `mode`, swapped in by one rename.
+
+    The socket is bound under a temporary name in the same directory and gets its
+    owner and mode before it appears under `path`, so no client ever sees it with
+    the wrong permissions, and a stale socket is replaced atomically.
+    """
+    directory = os.path.dirname(path) or "."
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)  # left by a crashed process with our pid
+        sock.bind(temporary)
+        try:
+            os.chmod(temporary, mode)
+            os.chown(temporary, uid, gid)
+            sock.listen(backlog)
+            st = os.lstat(temporary)
+            os.rename(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on '{path}': {e.strerror}", EXIT_USAGE) from None
+    return Listener(sock, path, (st.st_dev, st.st_ino))

@@ -1,0 +1,274 @@
+"""One function per proxy request, run inside the chrooted export.
+
+The functions take plain values (paths as bytes, ints as they arrived) and return
+plain values or raise OSError; they know nothing of the wire format. Semantics are
+the reference helper's (virtfs-proxy-helper), stronger where it is weak:
+
+* OPEN / CREATE never open anything but a regular file or a directory, and never
+  block: the type is checked before the open (so a device's open routine never
+  runs and a FIFO never hangs the worker) and again on the opened descriptor.
+* GETVERSION never opens a special file and returns the 32-bit generation
+  zero-extended.
+* LSETXATTR refuses a size field that disagrees with the value it came with.
+* READLINK / LGETXATTR / LLISTXATTR never allocate what the client asks for.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+import sys
+from typing import Any
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long)
+_U64 = (1 << 64) - 1
+
+# Filesystems on which the reference asks for inode generations (statfs f_type).
+GETVERSION_FILESYSTEMS = {
+    0xEF53,  # ext2/3/4
+    0x9123683E,  # btrfs
+    0x52654973,  # reiserfs
+    0x58465342,  # xfs
+}
+
+# Flags added to every real open: never block on a FIFO swapped in behind our
+# back, never acquire a controlling terminal, never leak into a child.
+_SAFE_OPEN = os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+# The status flags F_SETFL can set; used to give the client exactly its flags back.
+_SETFL_FLAGS = os.O_APPEND | os.O_DIRECT | os.O_NOATIME | os.O_NONBLOCK
+
+
+class SpecialFileRefused(OSError):
+    """OPEN/CREATE/GETVERSION of a device, FIFO or socket (CVE-2023-2861 class)."""
+
+    def __init__(self, path: bytes, mode: int) -> None:
+        super().__init__(errno.ENXIO, "not a regular file or directory", path)
+        self.file_type = _type_name(mode)
+
+
+def _type_name(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "char-device"), (stat.S_ISBLK, "block-device"),
+                       (stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISLNK, "symlink")):  # fmt: skip
+        if test(mode):
+            return name
+    return "unknown"
+
+
+def _servable(mode: int) -> bool:
+    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+
+
+def _uid(value: int) -> int:
+    """A wire `d` id as the kernel sees it: -1 means "unchanged", others are u32."""
+    return value if value == -1 else value & 0xFFFFFFFF
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Statfs(ctypes.Structure):
+    # struct statfs on 64-bit Linux.
+    _fields_ = [("f_type", ctypes.c_long), ("f_bsize", ctypes.c_long),
+                ("f_blocks", ctypes.c_ulong), ("f_bfree", ctypes.c_ulong),
+                ("f_bavail", ctypes.c_ulong), ("f_files", ctypes.c_ulong),
+                ("f_ffree", ctypes.c_ulong), ("f_fsid", ctypes.c_int * 2),
+                ("f_namelen", ctypes.c_long), ("f_frsize", ctypes.c_long),
+                ("f_flags", ctypes.c_long), ("f_spare", ctypes.c_long * 4)]  # fmt: skip
+
+
+def _raise_errno(path: bytes) -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, os.strerror(err), path)
+
+
+def statfs_fields(path: bytes) -> tuple[int, ...]:
+    """statfs(2) as the reference reports it: 11 fields, fsid words sign-extended."""
+    buf = _Statfs()
+    if _libc.statfs(path, ctypes.byref(buf)) != 0:
+        _raise_errno(path)
+    return (buf.f_type, buf.f_bsize, buf.f_blocks, buf.f_bfree, buf.f_bavail, buf.f_files,
+            buf.f_ffree, buf.f_fsid[0], buf.f_fsid[1], buf.f_namelen, buf.f_frsize)  # fmt: skip
+
+
+class ExportOps:
+    """The 20 operations, bound to one sandboxed process.
+
+    `credentials` switches to the guest's uid/gid for CREATE, MKNOD, MKDIR and
+    SYMLINK (see privileges.Credentials). `generations` says whether the export's
+    filesystem has inode generations worth asking for.
+    """
+
+    def __init__(self, credentials: Any, generations: bool) -> None:
+        self._creds = credentials
+        self._generations = generations
+        self._times = (_Timespec * 2)()
+
+    # --- descriptors -----------------------------------------------------------
+
+    def _open_checked(self, path: bytes, flags: int, mode: int) -> int:
+        # Look before opening: only a regular file or a directory is ever opened,
+        # with the same symlink and directory rules the real open would apply.
+        try:
+            st = os.stat(path, follow_symlinks=not flags & os.O_NOFOLLOW)
+        except FileNotFoundError:
+            if not flags & os.O_CREAT:
+                raise
+        else:
+            if not _servable(st.st_mode):
+                if stat.S_ISLNK(st.st_mode) and not flags & os.O_PATH:
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+                if flags & os.O_DIRECTORY:
+                    raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+                raise SpecialFileRefused(path, st.st_mode)
+        fd = os.open(path, flags | _SAFE_OPEN, mode)
+        try:
+            # Look again at what was really opened: the path may have been swapped.
+            st = os.fstat(fd)
+            if not _servable(st.st_mode):
+                raise SpecialFileRefused(path, st.st_mode)
+            if not flags & (os.O_NONBLOCK | os.O_PATH):  # O_PATH descriptors take no F_SETFL
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags & _SETFL_FLAGS)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def open(self, path: bytes, flags: int) -> int:
+        """OPEN: a descriptor for an existing file or directory."""
+        if flags & os.O_CREAT or flags & os.O_TMPFILE == os.O_TMPFILE:
+            # OPEN carries no mode (the reference would use stack garbage): CREATE is
+            # the request that creates.
+            raise OSError(errno.EINVAL, "OPEN cannot create files; use CREATE", path)
+        return self._open_checked(path, flags, 0)
+
+    def create(self, path: bytes, flags: int, mode: int, uid: int, gid: int) -> int:
+        """CREATE: open(path, flags, mode) as uid/gid."""
+        with self._creds.as_user(uid, gid):
+            return self._open_checked(path, flags, mode)
+
+    # --- creating as the guest's user --------------------------------------------
+
+    def mknod(self, uid: int, gid: int, path: bytes, mode: int, rdev: int) -> None:
+        with self._creds.as_user(uid, gid):
+            os.mknod(path, mode, rdev & _U64)
+
+    def mkdir(self, uid: int, gid: int, path: bytes, mode: int) -> None:
+        with self._creds.as_user(uid, gid):
+            os.mkdir(path, mode)
+
+    def symlink(self, uid: int, gid: int, target: bytes, linkpath: bytes) -> None:
+        with self._creds.as_user(uid, gid):
+            os.symlink(target, linkpath)
+
+    # --- everything else, as root inside the export ---------------------------------
+
+    def link(self, oldpath: bytes, newpath: bytes) -> None:
+        os.link(oldpath, newpath, follow_symlinks=False)  # link(2) does not follow
+
+    def lstat(self, path: bytes) -> os.stat_result:
+        return os.lstat(path)
+
+    def readlink(self, path: bytes, bufsize: int) -> bytes:
+        """The target, cut to bufsize - 1 bytes as readlink(2) into that buffer."""
+        if bufsize < 2:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+        return os.readlink(path)[: bufsize - 1]
+
+    def statfs(self, path: bytes) -> tuple[int, ...]:
+        return statfs_fields(path)
+
+    def chmod(self, path: bytes, mode: int) -> None:
+        os.chmod(path, mode)
+
+    def chown(self, path: bytes, uid: int, gid: int) -> None:
+        os.lchown(path, _uid(uid), _uid(gid))
+
+    def truncate(self, path: bytes, length: int) -> None:
+        os.truncate(path, length)
+
+    def utime(self, path: bytes, atime_sec: int, atime_nsec: int, mtime_sec: int,
+              mtime_nsec: int) -> None:  # fmt: skip
+        """utimensat(AT_SYMLINK_NOFOLLOW); UTIME_NOW / UTIME_OMIT pass through."""
+        times = self._times
+        times[0].tv_sec, times[0].tv_nsec = atime_sec, atime_nsec
+        times[1].tv_sec, times[1].tv_nsec = mtime_sec, mtime_nsec
+        if _libc.utimensat(AT_FDCWD, path, times, AT_SYMLINK_NOFOLLOW) != 0:
+            _raise_errno(path)
+
+    def rename(self, oldpath: bytes, newpath: bytes) -> None:
+        os.rename(oldpath, newpath)
+
+    def remove(self, path: bytes) -> None:
+        """remove(3): unlink, or rmdir for a directory."""
+        try:
+            os.unlink(path)
+        except IsADirectoryError:
+            os.rmdir(path)
+
+    # --- extended attributes -----------------------------------------------------------
+
+    def lgetxattr(self, size: int, path: bytes, name: bytes) -> int | bytes:
+        """The value, or with size 0 its length. Never allocates `size` bytes."""
+        if size < 0:
+            raise OSError(errno.EINVAL, "negative buffer size", path)
+        value = os.getxattr(path, name, follow_symlinks=False)
+        if size == 0:
+            return len(value)
+        if len(value) > size:
+            raise OSError(errno.ERANGE, os.strerror(errno.ERANGE), path)
+        return value
+
+    def llistxattr(self, size: int, path: bytes) -> int | bytes:
+        """The NUL-separated name list, or with size 0 its length."""
+        if size < 0:
+            raise OSError(errno.EINVAL, "negative buffer size", path)
+        names = b"".join(os.fsencode(n) + b"\0" for n in
+                         os.listxattr(path, follow_symlinks=False))  # fmt: skip
+        if size == 0:
+            return len(names)
+        if len(names) > size:
+            raise OSError(errno.ERANGE, os.strerror(errno.ERANGE), path)
+        return names
+
+    def lsetxattr(self, path: bytes, name: bytes, value: bytes, size: int, flags: int) -> None:
+        if size != len(value):
+            # The reference would read `size` bytes from a buffer of len(value).
+            raise OSError(errno.EINVAL, "size field disagrees with the value", path)
+        os.setxattr(path, name, value, flags, follow_symlinks=False)
+
+    def lremovexattr(self, path: bytes, name: bytes) -> None:
+        os.removexattr(path, name, follow_symlinks=False)
+
+    # --- generation --------------------------------------------------------------------
+
+    def getversion(self, path: bytes) -> int:
+        """FS_IOC_GETVERSION, 0 on filesystems without generations (as the reference)."""
+        if not self._generations:
+            return 0
+        st = os.stat(path)
+        if not _servable(st.st_mode):
+            raise SpecialFileRefused(path, st.st_mode)
+        fd = os.open(path, os.O_RDONLY | _SAFE_OPEN)
+        try:
+            if not _servable(os.fstat(fd).st_mode):
+                raise SpecialFileRefused(path, st.st_mode)
+            buf = bytearray(8)
+            fcntl.ioctl(fd, FS_IOC_GETVERSION, buf)
+        finally:
+            os.close(fd)
+        # The kernel writes a 32-bit int: the rest of the buffer is ours, and zero.
+        return int.from_bytes(buf[:4], sys.byteorder)
+
+
+def has_generations(path: bytes = b"/") -> bool:
+    """Whether the filesystem at `path` is one the reference asks generations of."""
+    return statfs_fields(path)[0] & 0xFFFFFFFF in GETVERSION_FILESYSTEMS

@@ -1,0 +1,204 @@
+"""Everything proxyd does with privilege, in one place.
+
+A worker calls enter_sandbox() once, before it reads a byte from a guest. Each step
+is named after what it guarantees. Afterwards the process:
+
+* sees only the export (chroot, cwd "/"), creates files with exactly the modes the
+  guest asks for (umask 0);
+* holds only the seven capabilities the protocol needs, in its permitted and
+  effective sets, and nothing else, even in its bounding set;
+* can never gain privileges again through exec (no_new_privs).
+
+Credentials() switches the effective uid/gid for the four requests that create
+files as the guest's user, the way the reference helper does: saved ids stay 0, so
+that switching back needs no capability, and CAP_DAC_OVERRIDE stays effective
+because supplementary groups are not changed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+# Capability numbers from linux/capability.h.
+CAP_CHOWN = 0
+CAP_DAC_OVERRIDE = 1
+CAP_FOWNER = 3
+CAP_FSETID = 4
+CAP_SETGID = 6
+CAP_SETUID = 7
+CAP_SYS_CHROOT = 18
+CAP_SYS_ADMIN = 21
+CAP_MKNOD = 27
+
+WORKER_CAPS = (CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_FSETID, CAP_SETGID, CAP_MKNOD,
+               CAP_SETUID)  # fmt: skip
+WORKER_CAP_MASK = sum(1 << c for c in WORKER_CAPS)
+CREDENTIALED_CAP_MASK = 1 << CAP_DAC_OVERRIDE
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_PDEATHSIG = 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class SandboxError(Exception):
+    """A sandbox step failed: the process must not serve."""
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]  # fmt: skip
+
+
+_CapDataPair = _CapData * 2
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _set_caps(effective: int, permitted: int) -> None:
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = _CapDataPair()
+    data[0].effective, data[1].effective = effective & 0xFFFFFFFF, effective >> 32
+    data[0].permitted, data[1].permitted = permitted & 0xFFFFFFFF, permitted >> 32
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
+def read_caps() -> tuple[int, int]:
+    """(effective, permitted) of this process, as 64-bit masks."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = _CapDataPair()
+    _check(_libc.capget(ctypes.byref(header), data), "capget")
+    return (data[0].effective | data[1].effective << 32,
+            data[0].permitted | data[1].permitted << 32)  # fmt: skip
+
+
+def _last_cap() -> int:
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        return int(f.read())
+
+
+def _prctl(option: int, arg2: int, what: str) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(arg2), 0, 0, 0), what)
+
+
+def die_with_parent(sig: int) -> None:
+    """Ask the kernel to send `sig` when the parent exits (PR_SET_PDEATHSIG)."""
+    _prctl(PR_SET_PDEATHSIG, sig, "prctl(PR_SET_PDEATHSIG)")
+
+
+def confine_to_export(path: str) -> None:
+    """The process sees only the export: chroot into it and stand at its root."""
+    os.chroot(path)
+    os.chdir("/")
+
+
+def create_with_requested_modes() -> None:
+    """Modes arrive exactly as the guest asked them: no umask in between."""
+    os.umask(0)
+
+
+def forbid_new_privileges() -> None:
+    """No exec can ever grant privileges again (setuid bits, file capabilities)."""
+    _prctl(PR_SET_NO_NEW_PRIVS, 1, "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def keep_only_worker_capabilities(last_cap: int) -> None:
+    """Bounding, ambient, inheritable, permitted and effective sets cut to the seven."""
+    for cap in range(last_cap + 1):
+        if not WORKER_CAP_MASK & (1 << cap):
+            _prctl(PR_CAPBSET_DROP, cap, f"prctl(PR_CAPBSET_DROP, {cap})")
+    # Ambient capabilities may be absent on old kernels; there is nothing to clear then.
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    _set_caps(WORKER_CAP_MASK, WORKER_CAP_MASK)
+    effective, permitted = read_caps()
+    if effective != WORKER_CAP_MASK or permitted != WORKER_CAP_MASK:
+        raise SandboxError(f"capabilities not reduced (effective {effective:#x}, "
+                           f"permitted {permitted:#x})")  # fmt: skip
+
+
+def enter_sandbox(export: str) -> None:
+    """Apply every sandbox step, in order; raise SandboxError if any fails."""
+    if os.geteuid() != 0:
+        raise SandboxError("proxyd must run as root to chroot into the export")
+    try:
+        last_cap = _last_cap()  # /proc is out of reach once chrooted
+        confine_to_export(export)
+        create_with_requested_modes()
+        forbid_new_privileges()
+        keep_only_worker_capabilities(last_cap)
+    except OSError as e:
+        raise SandboxError(f"cannot sandbox into {export}: {e.strerror or e}") from e
+
+
+class Credentials:
+    """Run a file creation as the guest's uid/gid.
+
+    Used as `with creds.as_user(uid, gid): ...`. The reference's semantics: the
+    effective ids become the request's (-1 leaves one unchanged), saved ids stay 0;
+    unless both are 0, only CAP_DAC_OVERRIDE stays effective. Leaving the block
+    restores root and the full effective set on every path, errors included; if
+    that ever fails the process aborts rather than serve with the wrong identity.
+    """
+
+    def __init__(self) -> None:
+        self._header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+        self._data = _CapDataPair()
+        self._data[0].effective = CREDENTIALED_CAP_MASK
+        self._data[0].permitted = WORKER_CAP_MASK
+        self._full = _CapDataPair()
+        self._full[0].effective = WORKER_CAP_MASK
+        self._full[0].permitted = WORKER_CAP_MASK
+        self._uid = 0
+        self._gid = 0
+        self._reduced = False
+
+    def as_user(self, uid: int, gid: int) -> Credentials:
+        self._uid = uid if uid == -1 else uid & 0xFFFFFFFF
+        self._gid = gid if gid == -1 else gid & 0xFFFFFFFF
+        return self
+
+    def __enter__(self) -> None:
+        uid, gid = self._uid, self._gid
+        os.setresgid(-1, gid, -1)
+        try:
+            os.setresuid(-1, uid, -1)
+        except BaseException:
+            self._restore()
+            raise
+        if uid in (0, -1) and gid in (0, -1):
+            return  # still root: the kernel left the effective set alone
+        # Only CAP_DAC_OVERRIDE stays effective (as in the reference), so that the
+        # missing supplementary groups do not block the guest's own files.
+        self._reduced = uid in (0, -1)  # euid unchanged: no automatic restore
+        if _libc.capset(ctypes.byref(self._header), self._data) != 0:
+            err = ctypes.get_errno()
+            self._restore()
+            raise OSError(err, os.strerror(err))
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        try:
+            # Back to euid 0: when it was not 0, the kernel copies the permitted set
+            # to the effective set; when it stayed 0 (uid 0, other gid) we must.
+            os.setresuid(-1, 0, -1)
+            os.setresgid(-1, 0, -1)
+            if self._reduced:
+                self._reduced = False
+                _check(_libc.capset(ctypes.byref(self._header), self._full), "capset")
+        except BaseException:
+            os.abort()

@@ -1,0 +1,350 @@
+"""The 9p proxy wire format, as QEMU's proxy fs driver speaks it.
+
+Only bytes in, values out (and back). Nothing here touches a socket or a file.
+All integers are in host byte order; strings are a u16 length and raw bytes, with
+no terminating NUL. See docs/protocol.md in the shared docs for the contract.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from typing import Any, NamedTuple
+
+HEADER = struct.Struct("=II")  # type, size
+HEADER_SIZE = HEADER.size
+MAX_PAYLOAD = 65536  # PROXY_MAX_IO_SZ
+BUFFER_SIZE = HEADER_SIZE + MAX_PAYLOAD
+
+# Reply types.
+T_SUCCESS = 0
+T_ERROR = 1
+
+# Request codes.
+T_OPEN = 2
+T_CREATE = 3
+T_MKNOD = 4
+T_MKDIR = 5
+T_SYMLINK = 6
+T_LINK = 7
+T_LSTAT = 8
+T_READLINK = 9
+T_STATFS = 10
+T_CHMOD = 11
+T_CHOWN = 12
+T_TRUNCATE = 13
+T_UTIME = 14
+T_RENAME = 15
+T_REMOVE = 16
+T_LGETXATTR = 17
+T_LLISTXATTR = 18
+T_LSETXATTR = 19
+T_LREMOVEXATTR = 20
+T_GETVERSION = 21
+
+FD_VALID = 0x7FFFFFFF  # V9FS_FD_VALID: "a descriptor rides along"
+
+# How each request is answered.
+FD = "fd"  # 4-byte int by sendmsg, SCM_RIGHTS on success, no header
+STATUS = "status"  # header + d
+DATA = "data"  # header + payload, or header + d(-errno)
+
+_D = struct.Struct("=i")
+_Q = struct.Struct("=q")
+_U16 = struct.Struct("=H")
+_DD = struct.Struct("=ii")
+_DQ = struct.Struct("=iq")
+_QQQQ = struct.Struct("=qqqq")
+
+STATUS_REPLY = struct.Struct("=IIi")  # header + d, one pack
+FD_REPLY = _D
+
+# Stat record: dev ino nlink mode uid gid rdev size blksize blocks, then three
+# (sec, nsec) pairs. Unsigned where the kernel's type is unsigned so that any
+# value the kernel can produce packs.
+STAT = struct.Struct("=QQQIIIQqqqqqqqqq")
+STAT_REPLY = struct.Struct("=II" + STAT.format[1:])
+STATFS = struct.Struct("=11Q")
+STATFS_REPLY = struct.Struct("=II" + STATFS.format[1:])
+GETVERSION_REPLY = struct.Struct("=IIQ")
+
+
+class MalformedRequest(Exception):
+    """A request whose payload does not hold what its type needs.
+
+    The connection stays usable: the request is answered with an errno. ENOBUFS is
+    what the reference answers for a short payload or a string running past it.
+    """
+
+    errno = errno.ENOBUFS
+
+
+class NulInPath(MalformedRequest):
+    """A path or name with a NUL byte (the reference would silently cut it there)."""
+
+    errno = errno.EINVAL
+
+
+class FatalProtocolError(Exception):
+    """The stream cannot be trusted any more (unknown code, oversized header)."""
+
+
+class Request(NamedTuple):
+    name: str
+    reply: str  # FD, STATUS or DATA
+    mutates: bool  # can change the export (audit "mutations", read-only exports)
+
+
+REQUESTS: dict[int, Request] = {
+    T_OPEN: Request("open", FD, False),
+    T_CREATE: Request("create", FD, True),
+    T_MKNOD: Request("mknod", STATUS, True),
+    T_MKDIR: Request("mkdir", STATUS, True),
+    T_SYMLINK: Request("symlink", STATUS, True),
+    T_LINK: Request("link", STATUS, True),
+    T_LSTAT: Request("lstat", DATA, False),
+    T_READLINK: Request("readlink", DATA, False),
+    T_STATFS: Request("statfs", DATA, False),
+    T_CHMOD: Request("chmod", STATUS, True),
+    T_CHOWN: Request("chown", STATUS, True),
+    T_TRUNCATE: Request("truncate", STATUS, True),
+    T_UTIME: Request("utime", STATUS, True),
+    T_RENAME: Request("rename", STATUS, True),
+    T_REMOVE: Request("remove", STATUS, True),
+    T_LGETXATTR: Request("lgetxattr", DATA, False),
+    T_LLISTXATTR: Request("llistxattr", DATA, False),
+    T_LSETXATTR: Request("lsetxattr", STATUS, True),
+    T_LREMOVEXATTR: Request("lremovexattr", STATUS, True),
+    T_GETVERSION: Request("getversion", DATA, False),
+}
+
+
+def check_header(type_: int, size: int) -> None:
+    """Refuse a header the reference would stop serving on."""
+    if size > MAX_PAYLOAD:
+        raise FatalProtocolError(f"request size {size} exceeds {MAX_PAYLOAD} bytes")
+    if type_ not in REQUESTS:
+        raise FatalProtocolError(f"unknown request code {type_}")
+
+
+# --- decoding ------------------------------------------------------------------
+#
+# Each decoder takes the payload (bytes after the header, as bytes or memoryview)
+# and returns a tuple of the fields in wire order, strings as bytes. A field that
+# runs past the end raises MalformedRequest. Trailing bytes are ignored, as the
+# reference does.
+
+
+def _string(buf: Any, off: int) -> tuple[bytes, int]:
+    end = len(buf)
+    if off + 2 > end:
+        raise MalformedRequest("string length runs past the payload")
+    (n,) = _U16.unpack_from(buf, off)
+    off += 2
+    if off + n > end:
+        raise MalformedRequest(f"string of {n} bytes runs past the payload")
+    return bytes(buf[off : off + n]), off + n
+
+
+def _path(buf: Any, off: int) -> tuple[bytes, int]:
+    s, off = _string(buf, off)
+    if b"\0" in s:
+        raise NulInPath("path or name contains a NUL byte")
+    return s, off
+
+
+def _fixed(st: struct.Struct, buf: Any, off: int) -> tuple[tuple, int]:
+    if off + st.size > len(buf):
+        raise MalformedRequest("payload too short for its request type")
+    return st.unpack_from(buf, off), off + st.size
+
+
+def decode_path(buf: Any) -> tuple[bytes]:
+    """LSTAT, STATFS, REMOVE, GETVERSION: `s path`."""
+    return (_path(buf, 0)[0],)
+
+
+def decode_path_int(buf: Any) -> tuple[bytes, int]:
+    """OPEN (`s path, d flags`), READLINK (`s path, d bufsize`), CHMOD (`s path, d mode`)."""
+    path, off = _path(buf, 0)
+    (value,), _ = _fixed(_D, buf, off)
+    return path, value
+
+
+def decode_two_paths(buf: Any) -> tuple[bytes, bytes]:
+    """LINK, RENAME (`s old, s new`), LREMOVEXATTR (`s path, s name`)."""
+    a, off = _path(buf, 0)
+    b, _ = _path(buf, off)
+    return a, b
+
+
+def decode_create(buf: Any) -> tuple[bytes, int, int, int, int]:
+    """CREATE: `s path, d flags, d mode, d uid, d gid`."""
+    path, off = _path(buf, 0)
+    (flags, mode), off = _fixed(_DD, buf, off)
+    (uid, gid), _ = _fixed(_DD, buf, off)
+    return path, flags, mode, uid, gid
+
+
+def decode_mknod(buf: Any) -> tuple[int, int, bytes, int, int]:
+    """MKNOD: `d uid, d gid, s path, d mode, q rdev`."""
+    (uid, gid), off = _fixed(_DD, buf, 0)
+    path, off = _path(buf, off)
+    (mode, rdev), _ = _fixed(_DQ, buf, off)
+    return uid, gid, path, mode, rdev
+
+
+def decode_mkdir(buf: Any) -> tuple[int, int, bytes, int]:
+    """MKDIR: `d uid, d gid, s path, d mode`."""
+    (uid, gid), off = _fixed(_DD, buf, 0)
+    path, off = _path(buf, off)
+    (mode,), _ = _fixed(_D, buf, off)
+    return uid, gid, path, mode
+
+
+def decode_symlink(buf: Any) -> tuple[int, int, bytes, bytes]:
+    """SYMLINK: `d uid, d gid, s target, s linkpath`."""
+    (uid, gid), off = _fixed(_DD, buf, 0)
+    target, off = _path(buf, off)
+    linkpath, _ = _path(buf, off)
+    return uid, gid, target, linkpath
+
+
+def decode_chown(buf: Any) -> tuple[bytes, int, int]:
+    """CHOWN: `s path, d uid, d gid`."""
+    path, off = _path(buf, 0)
+    (uid, gid), _ = _fixed(_DD, buf, off)
+    return path, uid, gid
+
+
+def decode_truncate(buf: Any) -> tuple[bytes, int]:
+    """TRUNCATE: `s path, q length`."""
+    path, off = _path(buf, 0)
+    (length,), _ = _fixed(_Q, buf, off)
+    return path, length
+
+
+def decode_utime(buf: Any) -> tuple[bytes, int, int, int, int]:
+    """UTIME: `s path, q atime_sec, q atime_nsec, q mtime_sec, q mtime_nsec`."""
+    path, off = _path(buf, 0)
+    times, _ = _fixed(_QQQQ, buf, off)
+    return (path, *times)
+
+
+def decode_getxattr(buf: Any) -> tuple[int, bytes, bytes]:
+    """LGETXATTR: `d size, s path, s name`."""
+    (size,), off = _fixed(_D, buf, 0)
+    path, off = _path(buf, off)
+    name, _ = _path(buf, off)
+    return size, path, name
+
+
+def decode_listxattr(buf: Any) -> tuple[int, bytes]:
+    """LLISTXATTR: `d size, s path`."""
+    (size,), off = _fixed(_D, buf, 0)
+    path, _ = _path(buf, off)
+    return size, path
+
+
+def decode_setxattr(buf: Any) -> tuple[bytes, bytes, bytes, int, int]:
+    """LSETXATTR: `s path, s name, s value, d size, d flags` (value may hold NULs)."""
+    path, off = _path(buf, 0)
+    name, off = _path(buf, off)
+    value, off = _string(buf, off)
+    (size, flags), _ = _fixed(_DD, buf, off)
+    return path, name, value, size, flags
+
+
+DECODERS = {
+    T_OPEN: decode_path_int,
+    T_CREATE: decode_create,
+    T_MKNOD: decode_mknod,
+    T_MKDIR: decode_mkdir,
+    T_SYMLINK: decode_symlink,
+    T_LINK: decode_two_paths,
+    T_LSTAT: decode_path,
+    T_READLINK: decode_path_int,
+    T_STATFS: decode_path,
+    T_CHMOD: decode_path_int,
+    T_CHOWN: decode_chown,
+    T_TRUNCATE: decode_truncate,
+    T_UTIME: decode_utime,
+    T_RENAME: decode_two_paths,
+    T_REMOVE: decode_path,
+    T_LGETXATTR: decode_getxattr,
+    T_LLISTXATTR: decode_listxattr,
+    T_LSETXATTR: decode_setxattr,
+    T_LREMOVEXATTR: decode_two_paths,
+    T_GETVERSION: decode_path,
+}
+
+
+# --- encoding ------------------------------------------------------------------
+
+
+def encode_string(value: bytes) -> bytes:
+    return _U16.pack(len(value)) + value
+
+
+def encode_status(value: int) -> bytes:
+    """Status reply: SUCCESS with a value >= 0, or ERROR with -errno."""
+    return STATUS_REPLY.pack(T_ERROR if value < 0 else T_SUCCESS, 4, value)
+
+
+def encode_error(err: int) -> bytes:
+    """The failure form of a status or data reply."""
+    return STATUS_REPLY.pack(T_ERROR, 4, -err)
+
+
+def encode_data(payload: bytes) -> bytes:
+    """Data reply; a payload the client's buffer cannot take becomes -ENOBUFS."""
+    if len(payload) > MAX_PAYLOAD:
+        return encode_error(errno.ENOBUFS)
+    return HEADER.pack(T_SUCCESS, len(payload)) + payload
+
+
+def encode_string_data(value: bytes) -> bytes:
+    """Data reply carrying one `s` (READLINK target, xattr value or list)."""
+    if len(value) + 2 > MAX_PAYLOAD:
+        return encode_error(errno.ENOBUFS)
+    return HEADER.pack(T_SUCCESS, len(value) + 2) + _U16.pack(len(value)) + value
+
+
+def encode_fd_reply(value: int) -> bytes:
+    """The 4-byte body of an fd reply: FD_VALID, or -errno."""
+    return FD_REPLY.pack(value)
+
+
+FD_REPLY_VALID = encode_fd_reply(FD_VALID)
+
+_NS = 1_000_000_000
+
+
+def encode_stat(st: Any) -> bytes:
+    """Data reply for LSTAT from an os.stat_result."""
+    a, m, c = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+    return STAT_REPLY.pack(
+        T_SUCCESS, STAT.size,
+        st.st_dev, st.st_ino, st.st_nlink, st.st_mode, st.st_uid, st.st_gid,
+        st.st_rdev, st.st_size, st.st_blksize, st.st_blocks,
+        a // _NS, a % _NS, m // _NS, m % _NS, c // _NS, c % _NS,
+    )  # fmt: skip
+
+
+_U64 = (1 << 64) - 1
+
+
+def encode_statfs(fields: tuple[int, ...]) -> bytes:
+    """Data reply for STATFS from the 11 fields in wire order (fsid words signed)."""
+    return STATFS_REPLY.pack(T_SUCCESS, STATFS.size, *(v & _U64 for v in fields))
+
+
+def encode_getversion(generation: int) -> bytes:
+    return GETVERSION_REPLY.pack(T_SUCCESS, 8, generation)
+
+
+# --- requests, for clients and tests ---------------------------------------------
+
+
+def encode_request(code: int, payload: bytes) -> bytes:
+    return HEADER.pack(code, len(payload)) + payload

@@ -1,0 +1,172 @@
+"""The reference's command line: same flags, same meanings, one-line errors with
+distinct exit codes, named sockets claimed safely, daemon mode."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.proxyclient import CHECKOUT, ProxyClient
+
+PROXYD = [sys.executable, "-m", "proxyd"]
+
+
+def run(*args: str, **kw) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
+    return subprocess.run([*PROXYD, *args], cwd=CHECKOUT, capture_output=True, text=True,
+                          timeout=30, **kw)  # fmt: skip
+
+
+def one_line_error(result: subprocess.CompletedProcess, code: int, text: str) -> None:
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("proxyd: error: ") and text in lines[0], lines[0]
+
+
+@pytest.fixture
+def export(tmp_path: Path) -> Path:
+    path = tmp_path / "export"
+    path.mkdir()
+    return path
+
+
+def test_help_lists_the_reference_flags() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for flag in ("-p", "--path", "-f", "--fd", "-s", "--socket", "-u", "--uid", "-g", "--gid",
+                 "-n", "--nodaemon"):  # fmt: skip
+        assert flag in result.stdout
+
+
+def test_usage_errors(export: Path, tmp_path: Path) -> None:
+    sock = str(tmp_path / "s")
+    one_line_error(run(), 2, "no export path")
+    one_line_error(run("-p", str(export), "-n"), 2, "give a socket path (-s)")
+    one_line_error(run("-p", str(export), "-s", sock, "-f", "0", "-u", "0", "-g", "0"), 2,
+                   "cannot be used together")  # fmt: skip
+    one_line_error(run("-p", str(export), "-s", sock), 2, "-u UID and -g GID")
+    one_line_error(run("-p", str(export), "-s", sock, "-u", "0"), 2, "-u UID and -g GID")
+    one_line_error(run("-p", str(export), "-s", sock, "-u", "root", "-g", "0"), 2,
+                   "'root' is not a number")  # fmt: skip
+    one_line_error(run("-p", str(export), "--bogus"), 2, "unrecognized arguments")
+    one_line_error(run("-p", str(export), "-f", "999", "-n"), 2, "no such open descriptor")
+    with open(export / "file", "w") as f:
+        one_line_error(run("-p", str(export), "-f", str(f.fileno()), "-n", pass_fds=[f.fileno()]),
+                       2, "not a socket")  # fmt: skip
+
+
+def test_export_errors(export: Path) -> None:
+    (export / "file").write_text("")
+    one_line_error(run("-p", str(export / "missing"), "-f", "0", "-n"), 3,
+                   "No such file or directory")  # fmt: skip
+    one_line_error(run("-p", str(export / "file"), "-f", "0", "-n"), 3, "is not a directory")
+
+
+def test_socket_path_errors(export: Path, tmp_path: Path) -> None:
+    long_path = str(tmp_path / ("x" * 120))
+    one_line_error(run("-p", str(export), "-s", long_path, "-u", "0", "-g", "0", "-n"), 2,
+                   "longer than the 107 bytes")  # fmt: skip
+    regular = tmp_path / "regular"
+    regular.write_text("keep me")
+    one_line_error(run("-p", str(export), "-s", str(regular), "-u", "0", "-g", "0", "-n"), 2,
+                   "exists and is not a socket")  # fmt: skip
+    assert regular.read_text() == "keep me"
+    live = tmp_path / "live.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(live))
+    listener.listen(1)
+    try:
+        one_line_error(run("-p", str(export), "-s", str(live), "-u", "0", "-g", "0", "-n"), 4,
+                       "in use by a live listener")  # fmt: skip
+        assert stat.S_ISSOCK(os.lstat(live).st_mode)
+    finally:
+        listener.close()
+
+
+def _wait_for(path: Path, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def _connect(path: Path) -> ProxyClient:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(path))
+    return ProxyClient(sock)
+
+
+def test_named_socket_serves_one_client(export: Path, tmp_path: Path) -> None:
+    sock_path = tmp_path / "proxy.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(sock_path))  # bound, never listening: what a crashed helper leaves
+    stale.close()
+    proc = subprocess.Popen([*PROXYD, "-n", "-p", str(export), "-s", str(sock_path),
+                             "-u", "1234", "-g", "5678"], cwd=CHECKOUT,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # the stale socket is replaced by ours
+            st = os.lstat(sock_path)
+            if (st.st_uid, st.st_gid) == (1234, 5678):
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert stat.S_IMODE(st.st_mode) == 0o770
+        client = _connect(sock_path)
+        os.unlink(sock_path)  # as QEMU does after connecting
+        assert client.lstat("/").ok
+        client.close()
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+    stderr = proc.stderr.read()
+    assert '"stale socket replaced"' in stderr
+    assert '"connection closed"' in stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _pids_running_with(argument: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argument.encode() in argv:
+                pids.append(int(entry))
+    return pids
+
+
+def test_daemon_mode_detaches_and_serves(export: Path, tmp_path: Path) -> None:
+    sock_path = tmp_path / "daemon.sock"
+    result = run("-p", str(export), "-s", str(sock_path), "-u", "0", "-g", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # the daemon's stderr is /dev/null, logs go to syslog
+    _wait_for(sock_path)
+    client = _connect(sock_path)
+    (export / "seen").write_text("")
+    assert client.lstat("/seen").ok
+    # SO_PEERCRED names the process that listened, which daemonizing left behind.
+    (pid,) = _pids_running_with(str(sock_path))
+    assert os.getsid(pid) != os.getsid(0)  # a session of its own
+    assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
+    client.close()
+    deadline = time.monotonic() + 10
+    while _alive(pid):
+        assert time.monotonic() < deadline, "daemon did not exit after its client left"
+        time.sleep(0.05)
