@@ -1,27 +1,17 @@
 """`proxyd`: the command line entry point.
 
-With the reference helper's flags it serves exactly one connection, as the
-reference does: from an inherited descriptor (-f) or the first client of a named
-socket (-s). The process chroots into the export before it reads a request.
+Validates the command line (or the configuration file), binds the export sockets
+while errors can still reach the terminal, detaches unless -n, and runs the master.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
-from proxyd import __version__, listener, log
-from proxyd.config import (
-    EXIT_EXPORT,
-    EXIT_OK,
-    Config,
-    ConfigError,
-    parse_args,
-)
-from proxyd.ops import ExportOps, has_generations
-from proxyd.privileges import Credentials, SandboxError, enter_sandbox
-from proxyd.worker import Server
+from proxyd import listener, log
+from proxyd.config import Config, ConfigError, parse_args
+from proxyd.master import Master
 
 
 def daemonize() -> None:
@@ -39,59 +29,32 @@ def daemonize() -> None:
         os.close(null)
 
 
-def _connection_from_fd(fd: int) -> socket.socket:
-    sock = socket.socket(fileno=fd)
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        sock.detach()
-        raise ConfigError(f"-f {fd}: not a Unix stream socket")
-    return sock
-
-
-def _peer(sock: socket.socket) -> dict[str, int]:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    pid, uid, gid = (int.from_bytes(creds[i : i + 4], sys.byteorder) for i in (0, 4, 8))
-    return {"peer_pid": pid, "peer_uid": uid, "peer_gid": gid}
-
-
-def serve_one(config: Config) -> int:
-    """The reference's behaviour: one connection, then exit."""
-    bound = None
-    stale = False
-    if config.socket is not None:
-        stale = listener.claim_path(config.socket)
-        bound = listener.bind(config.socket, config.socket_uid, config.socket_gid)
-    else:
-        assert config.fd is not None
-        conn = _connection_from_fd(config.fd)
-    # Bind and validate in the foreground so that errors reach the terminal.
+def serve(config: Config) -> int:
+    bound: dict[str, listener.Listener] = {}
+    stale: list[str] = []
+    try:
+        for export in config.exports:
+            if export.socket is not None:
+                if listener.claim_path(export.socket):
+                    stale.append(export.socket)
+                bound[export.name] = listener.bind(
+                    export.socket, export.socket_uid, export.socket_gid, export.socket_mode
+                )
+    except ConfigError:
+        for done in bound.values():
+            done.close()
+        raise
     if config.daemonize:
         daemonize()
     log.configure(config.log_format, config.log_level, to_syslog=config.daemonize)
-    logger = log.get(role="worker", export=config.export)
-    logger.info("start", version=__version__, socket=config.socket, fd=config.fd)
-    if stale:
-        logger.info("stale socket replaced", socket=config.socket)
-    if bound is not None:
-        conn, _ = bound.sock.accept()
-        bound.close()  # one connection, as the reference; QEMU unlinks the path itself
-    logger = logger.bind(**_peer(conn))
-    logger.info("connection accepted")
-    try:
-        enter_sandbox(config.export)
-    except SandboxError as e:
-        logger.error("export cannot be served", error=str(e))
-        return EXIT_EXPORT
-    ops = ExportOps(Credentials(), has_generations())
-    Server(ops, logger).serve(conn)
-    conn.close()
-    logger.info("stop")
-    return EXIT_OK
+    for path in stale:
+        log.get(role="master").info("stale socket replaced", socket=path)
+    return Master(config, bound).run()
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        config = parse_args(sys.argv[1:] if argv is None else argv)
-        return serve_one(config)
+        return serve(parse_args(sys.argv[1:] if argv is None else argv))
     except ConfigError as e:
         print(f"proxyd: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -1,15 +1,19 @@
-"""The command line, validated into one Config object.
+"""The command line and the TOML configuration, validated into one Config object.
 
-The flags are the reference helper's (`virtfs-proxy-helper`), with the same
-meanings; every problem is reported as one line naming it.
+The reference helper's flags (`virtfs-proxy-helper`) keep their meanings and
+describe one export; `--config FILE` describes any number. Every problem is
+reported as one line that names the flag or the key.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import stat
-from dataclasses import dataclass
+import tomllib
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from proxyd import __version__
 from proxyd.log import FORMATS, LEVELS
@@ -32,16 +36,38 @@ class ConfigError(Exception):
         self.exit_code = exit_code
 
 
+AUDIT_LEVELS = ("none", "mutations", "all")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    name: str
+    path: str  # absolute
+    socket: str | None  # absolute; None when serving an inherited descriptor (-f)
+    socket_uid: int = 0
+    socket_gid: int = 0
+    socket_mode: int = 0o770
+    allow_uids: tuple[int, ...] = ()  # empty: any peer that can open the socket
+    allow_gids: tuple[int, ...] = ()
+    readonly: bool = False
+    min_idle: int = 1
+    max_workers: int = 16
+
+
 @dataclass(frozen=True)
 class Config:
-    export: str  # absolute path of the directory to export
-    fd: int | None  # an inherited, connected socket (-f)
-    socket: str | None  # a socket path to listen on (-s)
-    socket_uid: int
-    socket_gid: int
-    daemonize: bool
+    exports: tuple[ExportConfig, ...]
+    control_socket: str | None = None
     log_format: str = "json"
     log_level: str = "info"
+    audit: str = "mutations"
+    stop_timeout: float = 5.0
+    request_timeout: float = 30.0
+    daemonize: bool = False
+    once: bool = False  # serve one connection, then exit (the reference's behaviour)
+    fd: int | None = None  # -f: the one connection to serve
+    source: str = "command line"  # the config file, for titles and logs
+    path: str | None = field(default=None, compare=False)  # the config file to re-read
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,20 +78,25 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     ap = _Parser(
         prog="proxyd",
-        description="Serve a host directory to QEMU's 9p proxy fs driver "
-        "(a drop-in for virtfs-proxy-helper).",
+        description="Serve host directories to QEMU's 9p proxy fs driver. With -p and "
+        "-s/-f it is a drop-in for virtfs-proxy-helper; with --config it serves many exports.",
     )
-    ap.add_argument("-p", "--path", help="directory to export (the worker chroots into it)")
+    ap.add_argument("-p", "--path", help="directory to export (workers chroot into it)")
     ap.add_argument("-f", "--fd", help="an already connected socket descriptor to serve")
     ap.add_argument("-s", "--socket", help="socket path to listen on (needs -u and -g)")
     ap.add_argument("-u", "--uid", help="owner uid of the socket file")
     ap.add_argument("-g", "--gid", help="owner gid of the socket file")
-    ap.add_argument("-n", "--nodaemon", action="store_true",
-                    help="stay in the foreground and log to stderr")  # fmt: skip
-    ap.add_argument("--log-format", choices=FORMATS, default="json",
-                    help="log line format (default json)")  # fmt: skip
-    ap.add_argument("--log-level", choices=LEVELS, default="info",
-                    help="lowest level logged (default info)")  # fmt: skip
+    ap.add_argument(
+        "-n", "--nodaemon", action="store_true", help="stay in the foreground and log to stderr"
+    )
+    ap.add_argument("-c", "--config", help="TOML configuration file (instead of -p/-s/-f)")
+    ap.add_argument(
+        "--once",
+        action="store_true",
+        help="serve one connection, then exit (as the reference helper)",
+    )
+    ap.add_argument("--log-format", choices=FORMATS, help="log line format (default json)")
+    ap.add_argument("--log-level", choices=LEVELS, help="lowest level logged (default info)")
     ap.add_argument("-V", "--version", action="version", version=f"proxyd {__version__}")
     return ap
 
@@ -80,14 +111,23 @@ def _int(flag: str, value: str, lowest: int = 0) -> int:
     return number
 
 
-def _check_export(path: str) -> str:
+def _check_export(path: str, where: str) -> str:
     try:
         st = os.stat(path)
     except OSError as e:
-        raise ConfigError(f"export path '{path}': {e.strerror}", EXIT_EXPORT) from None
+        raise ConfigError(f"{where} '{path}': {e.strerror}", EXIT_EXPORT) from None
     if not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"export path '{path}' is not a directory", EXIT_EXPORT)
+        raise ConfigError(f"{where} '{path}' is not a directory", EXIT_EXPORT)
     return os.path.abspath(path)
+
+
+def _check_socket_path(path: str, where: str) -> str:
+    path = os.path.abspath(path)
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        raise ConfigError(
+            f"{where} '{path}' is longer than the {SUN_PATH_MAX} bytes a Unix socket address holds"
+        )
+    return path
 
 
 def _check_fd(fd: int) -> None:
@@ -97,33 +137,246 @@ def _check_fd(fd: int) -> None:
         raise ConfigError(f"-f {fd}: no such open descriptor") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise ConfigError(f"-f {fd}: descriptor is not a socket")
+    sock = socket.socket(fileno=fd)
+    family, kind = sock.family, sock.type
+    sock.detach()
+    if family != socket.AF_UNIX or kind != socket.SOCK_STREAM:
+        raise ConfigError(f"-f {fd}: not a Unix stream socket")
 
 
-def parse_args(argv: list[str]) -> Config:
-    """Validate the command line; raise ConfigError with a one-line message."""
-    args = _parser().parse_args(argv)
+def _from_flags(args: argparse.Namespace) -> Config:
     if args.path is None:
-        raise ConfigError("no export path given (-p/--path)")
+        raise ConfigError("no export path given (-p/--path, or --config FILE)")
     if args.socket is None and args.fd is None:
         raise ConfigError("give a socket path (-s) or a socket descriptor (-f)")
     if args.socket is not None and args.fd is not None:
         raise ConfigError("-s/--socket and -f/--fd cannot be used together")
-    export = _check_export(args.path)
-    fd = None
-    sock_path = None
-    uid = gid = -1
+    path = _check_export(args.path, "export path")
+    name = os.path.basename(path.rstrip("/")) or "root"
     if args.fd is not None:
         fd = _int("-f/--fd", args.fd)
         _check_fd(fd)
+        export = ExportConfig(name=name, path=path, socket=None, min_idle=1, max_workers=1)
+        return Config(exports=(export,), fd=fd, once=True, source=f"-p {path} -f {fd}")
+    if args.uid is None or args.gid is None:
+        raise ConfigError("-s/--socket needs the socket owner: -u UID and -g GID")
+    export = ExportConfig(
+        name=name,
+        path=path,
+        socket=_check_socket_path(args.socket, "socket path"),
+        socket_uid=_int("-u/--uid", args.uid),
+        socket_gid=_int("-g/--gid", args.gid),
+    )
+    return Config(exports=(export,), once=args.once, source=f"-p {path} -s {export.socket}")
+
+
+# --- the TOML file ------------------------------------------------------------------
+
+_DAEMON_KEYS = {
+    "control_socket",
+    "log_format",
+    "log_level",
+    "audit",
+    "stop_timeout",
+    "request_timeout",
+}
+_EXPORT_KEYS = {
+    "name",
+    "path",
+    "socket",
+    "socket_uid",
+    "socket_gid",
+    "socket_mode",
+    "allow_uids",
+    "allow_gids",
+    "readonly",
+    "min_idle",
+    "max_workers",
+}
+
+
+def _typed(table: dict[str, Any], key: str, where: str, kind: type | tuple, default: Any) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    if isinstance(value, bool) and kind is not bool:  # TOML booleans are ints in Python
+        raise ConfigError(f"{where}.{key}: expected {_kind_name(kind)}, got a boolean")
+    if not isinstance(value, kind):
+        raise ConfigError(
+            f"{where}.{key}: expected {_kind_name(kind)}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _kind_name(kind: type | tuple) -> str:
+    names = {
+        str: "a string",
+        int: "an integer",
+        bool: "true or false",
+        list: "a list",
+        float: "a number",
+    }
+    if isinstance(kind, tuple):
+        return " or ".join(names[k] for k in kind if k in names)
+    return names.get(kind, kind.__name__)
+
+
+def _id_list(table: dict[str, Any], key: str, where: str) -> tuple[int, ...]:
+    values = _typed(table, key, where, list, [])
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0xFFFFFFFE:
+            raise ConfigError(f"{where}.{key}: {v!r} is not a valid id")
+    return tuple(values)
+
+
+def _in_range(value: float, key: str, where: str, low: float, high: float) -> float:
+    if not low <= value <= high:
+        raise ConfigError(f"{where}.{key}: {value} is outside {low}..{high}")
+    return value
+
+
+def _unknown_keys(table: dict[str, Any], known: set[str], where: str) -> None:
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key '{key}'")
+
+
+def _export_from_table(table: dict[str, Any], index: int) -> ExportConfig:
+    where = f"export[{index}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table ([[export]])")
+    name = _typed(table, "name", where, str, None)
+    if not name:
+        raise ConfigError(f"{where}.name: missing")
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ConfigError(f"{where}.name: '{name}' may only hold letters, digits, - _ .")
+    where = f"export '{name}'"
+    _unknown_keys(table, _EXPORT_KEYS, where)
+    path = _typed(table, "path", where, str, None)
+    if path is None:
+        raise ConfigError(f"{where}.path: missing")
+    socket_path = _typed(table, "socket", where, str, None)
+    if socket_path is None:
+        raise ConfigError(f"{where}.socket: missing")
+    mode = _typed(table, "socket_mode", where, (str, int), "0770")
+    if isinstance(mode, str):
+        try:
+            mode = int(mode, 8)
+        except ValueError:
+            raise ConfigError(f"{where}.socket_mode: '{mode}' is not an octal mode") from None
+    min_idle = _in_range(_typed(table, "min_idle", where, int, 1), "min_idle", where, 0, 1024)
+    max_workers = _in_range(
+        _typed(table, "max_workers", where, int, 16), "max_workers", where, 1, 4096
+    )
+    if min_idle > max_workers:
+        raise ConfigError(f"{where}.min_idle: {min_idle} is more than max_workers {max_workers}")
+    return ExportConfig(
+        name=name,
+        path=_check_export(path, f"{where}.path"),
+        socket=_check_socket_path(socket_path, f"{where}.socket"),
+        socket_uid=int(
+            _in_range(
+                _typed(table, "socket_uid", where, int, 0), "socket_uid", where, 0, 0xFFFFFFFE
+            )
+        ),
+        socket_gid=int(
+            _in_range(
+                _typed(table, "socket_gid", where, int, 0), "socket_gid", where, 0, 0xFFFFFFFE
+            )
+        ),
+        socket_mode=int(_in_range(mode, "socket_mode", where, 0, 0o777)),
+        allow_uids=_id_list(table, "allow_uids", where),
+        allow_gids=_id_list(table, "allow_gids", where),
+        readonly=_typed(table, "readonly", where, bool, False),
+        min_idle=int(min_idle),
+        max_workers=int(max_workers),
+    )
+
+
+def load_file(path: str) -> Config:
+    """Read and validate a TOML configuration file."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"config file '{path}': {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file '{path}': {e}") from None
+    _unknown_keys(data, {"daemon", "export"}, "config")
+    daemon = _typed(data, "daemon", "config", dict, {})
+    _unknown_keys(daemon, _DAEMON_KEYS, "daemon")
+    control = _typed(daemon, "control_socket", "daemon", str, None)
+    log_format = _typed(daemon, "log_format", "daemon", str, "json")
+    if log_format not in FORMATS:
+        raise ConfigError(f"daemon.log_format: '{log_format}' is not one of {', '.join(FORMATS)}")
+    log_level = _typed(daemon, "log_level", "daemon", str, "info")
+    if log_level not in LEVELS:
+        raise ConfigError(f"daemon.log_level: '{log_level}' is not one of {', '.join(LEVELS)}")
+    audit = _typed(daemon, "audit", "daemon", str, "mutations")
+    if audit not in AUDIT_LEVELS:
+        raise ConfigError(f"daemon.audit: '{audit}' is not one of {', '.join(AUDIT_LEVELS)}")
+    stop_timeout = _in_range(
+        _typed(daemon, "stop_timeout", "daemon", (int, float), 5.0),
+        "stop_timeout",
+        "daemon",
+        0.1,
+        3600,
+    )
+    request_timeout = _in_range(
+        _typed(daemon, "request_timeout", "daemon", (int, float), 30.0),
+        "request_timeout",
+        "daemon",
+        0.5,
+        86400,
+    )
+    tables = _typed(data, "export", "config", list, [])
+    if not tables:
+        raise ConfigError("config: no [[export]] table")
+    exports = tuple(_export_from_table(t, i) for i, t in enumerate(tables))
+    for attr in ("name", "socket"):
+        seen: set[str] = set()
+        for e in exports:
+            value = getattr(e, attr)
+            if value in seen:
+                raise ConfigError(f"export '{e.name}'.{attr}: '{value}' is used twice")
+            seen.add(value)
+    return Config(
+        exports=exports,
+        control_socket=_check_socket_path(control, "daemon.control_socket") if control else None,
+        log_format=log_format,
+        log_level=log_level,
+        audit=audit,
+        stop_timeout=float(stop_timeout),
+        request_timeout=float(request_timeout),
+        source=os.path.abspath(path),
+        path=os.path.abspath(path),
+    )
+
+
+def parse_args(argv: list[str]) -> Config:
+    """Validate the command line (and the file it names); raise ConfigError."""
+    args = _parser().parse_args(argv)
+    if args.config is not None:
+        given = [
+            f
+            for f, v in (
+                ("-p", args.path),
+                ("-s", args.socket),
+                ("-f", args.fd),
+                ("-u", args.uid),
+                ("-g", args.gid),
+            )
+            if v is not None
+        ]
+        if given:
+            raise ConfigError(f"--config cannot be combined with {', '.join(given)}")
+        config = load_file(args.config)
+        config = replace(config, once=args.once)
     else:
-        if args.uid is None or args.gid is None:
-            raise ConfigError("-s/--socket needs the socket owner: -u UID and -g GID")
-        uid = _int("-u/--uid", args.uid)
-        gid = _int("-g/--gid", args.gid)
-        sock_path = os.path.abspath(args.socket)
-        if len(os.fsencode(sock_path)) > SUN_PATH_MAX:
-            raise ConfigError(f"socket path '{sock_path}' is longer than the "
-                              f"{SUN_PATH_MAX} bytes a Unix socket address holds")  # fmt: skip
-    return Config(export=export, fd=fd, socket=sock_path, socket_uid=uid, socket_gid=gid,
-                  daemonize=not args.nodaemon, log_format=args.log_format,
-                  log_level=args.log_level)  # fmt: skip
+        config = _from_flags(args)
+    overrides: dict[str, Any] = {"daemonize": not args.nodaemon}
+    if args.log_format:
+        overrides["log_format"] = args.log_format
+    if args.log_level:
+        overrides["log_level"] = args.log_level
+    return replace(config, **overrides)

@@ -7,6 +7,7 @@ a live listener or a file that is not a socket is never touched.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import socket
@@ -44,8 +45,7 @@ def claim_path(path: str) -> bool:
     if not stat.S_ISSOCK(st.st_mode):
         raise ConfigError(f"socket path '{path}' exists and is not a socket", EXIT_USAGE)
     if _has_listener(path):
-        raise ConfigError(f"socket path '{path}' is in use by a live listener",
-                          EXIT_SOCKET_IN_USE)  # fmt: skip
+        raise ConfigError(f"socket path '{path}' is in use by a live listener", EXIT_SOCKET_IN_USE)
     return True
 
 
@@ -97,3 +97,39 @@ def bind(path: str, uid: int, gid: int, mode: int = 0o770, backlog: int = 16) ->
         sock.close()
         raise ConfigError(f"cannot listen on '{path}': {e.strerror}", EXIT_USAGE) from None
     return Listener(sock, path, (st.st_dev, st.st_ino))
+
+
+class DirectoryWatcher:
+    """inotify on the directories of our socket paths, to re-bind the moment QEMU
+    unlinks one (the master also checks on every tick, in case an event is missed)."""
+
+    _IN_NONBLOCK = os.O_NONBLOCK
+    _IN_CLOEXEC = os.O_CLOEXEC
+    _EVENTS = 0x200 | 0x40 | 0x400 | 0x800  # IN_DELETE IN_MOVED_FROM IN_DELETE_SELF IN_MOVE_SELF
+
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        fd = self._libc.inotify_init1(self._IN_NONBLOCK | self._IN_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        self.fd = fd
+        self._watched: dict[str, int] = {}
+
+    def watch(self, directory: str) -> None:
+        if directory in self._watched:
+            return
+        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(directory), self._EVENTS)
+        if wd >= 0:  # without a watch the master's periodic check still re-binds
+            self._watched[directory] = wd
+
+    def drain(self) -> None:
+        """Consume pending events; the caller then checks every listener."""
+        try:
+            while os.read(self.fd, 65536):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.fd)

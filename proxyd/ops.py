@@ -54,9 +54,13 @@ class SpecialFileRefused(OSError):
 
 
 def _type_name(mode: int) -> str:
-    for test, name in ((stat.S_ISCHR, "char-device"), (stat.S_ISBLK, "block-device"),
-                       (stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"),
-                       (stat.S_ISLNK, "symlink")):  # fmt: skip
+    for test, name in (
+        (stat.S_ISCHR, "char-device"),
+        (stat.S_ISBLK, "block-device"),
+        (stat.S_ISFIFO, "fifo"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISLNK, "symlink"),
+    ):
         if test(mode):
             return name
     return "unknown"
@@ -77,12 +81,20 @@ class _Timespec(ctypes.Structure):
 
 class _Statfs(ctypes.Structure):
     # struct statfs on 64-bit Linux.
-    _fields_ = [("f_type", ctypes.c_long), ("f_bsize", ctypes.c_long),
-                ("f_blocks", ctypes.c_ulong), ("f_bfree", ctypes.c_ulong),
-                ("f_bavail", ctypes.c_ulong), ("f_files", ctypes.c_ulong),
-                ("f_ffree", ctypes.c_ulong), ("f_fsid", ctypes.c_int * 2),
-                ("f_namelen", ctypes.c_long), ("f_frsize", ctypes.c_long),
-                ("f_flags", ctypes.c_long), ("f_spare", ctypes.c_long * 4)]  # fmt: skip
+    _fields_ = [
+        ("f_type", ctypes.c_long),
+        ("f_bsize", ctypes.c_long),
+        ("f_blocks", ctypes.c_ulong),
+        ("f_bfree", ctypes.c_ulong),
+        ("f_bavail", ctypes.c_ulong),
+        ("f_files", ctypes.c_ulong),
+        ("f_ffree", ctypes.c_ulong),
+        ("f_fsid", ctypes.c_int * 2),
+        ("f_namelen", ctypes.c_long),
+        ("f_frsize", ctypes.c_long),
+        ("f_flags", ctypes.c_long),
+        ("f_spare", ctypes.c_long * 4),
+    ]
 
 
 def _raise_errno(path: bytes) -> None:
@@ -95,8 +107,19 @@ def statfs_fields(path: bytes) -> tuple[int, ...]:
     buf = _Statfs()
     if _libc.statfs(path, ctypes.byref(buf)) != 0:
         _raise_errno(path)
-    return (buf.f_type, buf.f_bsize, buf.f_blocks, buf.f_bfree, buf.f_bavail, buf.f_files,
-            buf.f_ffree, buf.f_fsid[0], buf.f_fsid[1], buf.f_namelen, buf.f_frsize)  # fmt: skip
+    return (
+        buf.f_type,
+        buf.f_bsize,
+        buf.f_blocks,
+        buf.f_bfree,
+        buf.f_bavail,
+        buf.f_files,
+        buf.f_ffree,
+        buf.f_fsid[0],
+        buf.f_fsid[1],
+        buf.f_namelen,
+        buf.f_frsize,
+    )
 
 
 class ExportOps:
@@ -195,8 +218,9 @@ class ExportOps:
     def truncate(self, path: bytes, length: int) -> None:
         os.truncate(path, length)
 
-    def utime(self, path: bytes, atime_sec: int, atime_nsec: int, mtime_sec: int,
-              mtime_nsec: int) -> None:  # fmt: skip
+    def utime(
+        self, path: bytes, atime_sec: int, atime_nsec: int, mtime_sec: int, mtime_nsec: int
+    ) -> None:
         """utimensat(AT_SYMLINK_NOFOLLOW); UTIME_NOW / UTIME_OMIT pass through."""
         times = self._times
         times[0].tv_sec, times[0].tv_nsec = atime_sec, atime_nsec
@@ -231,8 +255,7 @@ class ExportOps:
         """The NUL-separated name list, or with size 0 its length."""
         if size < 0:
             raise OSError(errno.EINVAL, "negative buffer size", path)
-        names = b"".join(os.fsencode(n) + b"\0" for n in
-                         os.listxattr(path, follow_symlinks=False))  # fmt: skip
+        names = b"".join(os.fsencode(n) + b"\0" for n in os.listxattr(path, follow_symlinks=False))
         if size == 0:
             return len(names)
         if len(names) > size:
@@ -272,3 +295,61 @@ class ExportOps:
 def has_generations(path: bytes = b"/") -> bool:
     """Whether the filesystem at `path` is one the reference asks generations of."""
     return statfs_fields(path)[0] & 0xFFFFFFFF in GETVERSION_FILESYSTEMS
+
+
+# Access modes and flags that let an OPEN write or change the file.
+_WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_TMPFILE
+
+
+def _read_only(path: bytes) -> OSError:
+    return OSError(errno.EROFS, "the export is read-only", path)
+
+
+class ReadOnlyOps(ExportOps):
+    """A read-only export: every request that could change it gets EROFS."""
+
+    def open(self, path: bytes, flags: int) -> int:
+        if flags & _WRITING:
+            raise _read_only(path)
+        return super().open(path, flags)
+
+    def create(self, path: bytes, flags: int, mode: int, uid: int, gid: int) -> int:
+        raise _read_only(path)
+
+    def mknod(self, uid: int, gid: int, path: bytes, mode: int, rdev: int) -> None:
+        raise _read_only(path)
+
+    def mkdir(self, uid: int, gid: int, path: bytes, mode: int) -> None:
+        raise _read_only(path)
+
+    def symlink(self, uid: int, gid: int, target: bytes, linkpath: bytes) -> None:
+        raise _read_only(linkpath)
+
+    def link(self, oldpath: bytes, newpath: bytes) -> None:
+        raise _read_only(newpath)
+
+    def chmod(self, path: bytes, mode: int) -> None:
+        raise _read_only(path)
+
+    def chown(self, path: bytes, uid: int, gid: int) -> None:
+        raise _read_only(path)
+
+    def truncate(self, path: bytes, length: int) -> None:
+        raise _read_only(path)
+
+    def utime(
+        self, path: bytes, atime_sec: int, atime_nsec: int, mtime_sec: int, mtime_nsec: int
+    ) -> None:
+        raise _read_only(path)
+
+    def rename(self, oldpath: bytes, newpath: bytes) -> None:
+        raise _read_only(oldpath)
+
+    def remove(self, path: bytes) -> None:
+        raise _read_only(path)
+
+    def lsetxattr(self, path: bytes, name: bytes, value: bytes, size: int, flags: int) -> None:
+        raise _read_only(path)
+
+    def lremovexattr(self, path: bytes, name: bytes) -> None:
+        raise _read_only(path)

@@ -31,8 +31,15 @@ CAP_SYS_CHROOT = 18
 CAP_SYS_ADMIN = 21
 CAP_MKNOD = 27
 
-WORKER_CAPS = (CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_FSETID, CAP_SETGID, CAP_MKNOD,
-               CAP_SETUID)  # fmt: skip
+WORKER_CAPS = (
+    CAP_CHOWN,
+    CAP_DAC_OVERRIDE,
+    CAP_FOWNER,
+    CAP_FSETID,
+    CAP_SETGID,
+    CAP_MKNOD,
+    CAP_SETUID,
+)
 WORKER_CAP_MASK = sum(1 << c for c in WORKER_CAPS)
 CREDENTIALED_CAP_MASK = 1 << CAP_DAC_OVERRIDE
 
@@ -55,8 +62,11 @@ class _CapHeader(ctypes.Structure):
 
 
 class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]  # fmt: skip
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
 
 
 _CapDataPair = _CapData * 2
@@ -81,8 +91,10 @@ def read_caps() -> tuple[int, int]:
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = _CapDataPair()
     _check(_libc.capget(ctypes.byref(header), data), "capget")
-    return (data[0].effective | data[1].effective << 32,
-            data[0].permitted | data[1].permitted << 32)  # fmt: skip
+    return (
+        data[0].effective | data[1].effective << 32,
+        data[0].permitted | data[1].permitted << 32,
+    )
 
 
 def _last_cap() -> int:
@@ -125,8 +137,9 @@ def keep_only_worker_capabilities(last_cap: int) -> None:
     _set_caps(WORKER_CAP_MASK, WORKER_CAP_MASK)
     effective, permitted = read_caps()
     if effective != WORKER_CAP_MASK or permitted != WORKER_CAP_MASK:
-        raise SandboxError(f"capabilities not reduced (effective {effective:#x}, "
-                           f"permitted {permitted:#x})")  # fmt: skip
+        raise SandboxError(
+            f"capabilities not reduced (effective {effective:#x}, permitted {permitted:#x})"
+        )
 
 
 def enter_sandbox(export: str) -> None:

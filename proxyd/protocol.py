@@ -149,7 +149,12 @@ def _string(buf: Any, off: int) -> tuple[bytes, int]:
 def _path(buf: Any, off: int) -> tuple[bytes, int]:
     s, off = _string(buf, off)
     if b"\0" in s:
-        raise NulInPath("path or name contains a NUL byte")
+        # QEMU counts the C string's terminating NUL in the length of the paths it
+        # looks up ("/\0"): that is the end of the path. A NUL with more after it is
+        # not something QEMU sends, and cutting the path there would act on another.
+        s = s.rstrip(b"\0")
+        if b"\0" in s:
+            raise NulInPath("path or name contains a NUL byte")
     return s, off
 
 
@@ -324,11 +329,25 @@ def encode_stat(st: Any) -> bytes:
     """Data reply for LSTAT from an os.stat_result."""
     a, m, c = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
     return STAT_REPLY.pack(
-        T_SUCCESS, STAT.size,
-        st.st_dev, st.st_ino, st.st_nlink, st.st_mode, st.st_uid, st.st_gid,
-        st.st_rdev, st.st_size, st.st_blksize, st.st_blocks,
-        a // _NS, a % _NS, m // _NS, m % _NS, c // _NS, c % _NS,
-    )  # fmt: skip
+        T_SUCCESS,
+        STAT.size,
+        st.st_dev,
+        st.st_ino,
+        st.st_nlink,
+        st.st_mode,
+        st.st_uid,
+        st.st_gid,
+        st.st_rdev,
+        st.st_size,
+        st.st_blksize,
+        st.st_blocks,
+        a // _NS,
+        a % _NS,
+        m // _NS,
+        m % _NS,
+        c // _NS,
+        c % _NS,
+    )
 
 
 _U64 = (1 << 64) - 1

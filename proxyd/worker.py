@@ -7,21 +7,30 @@ works on a memoryview of that buffer; dispatch is a list indexed by request code
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import resource
+import signal
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
+from proxyd import channel, log, privileges, slot
 from proxyd import protocol as p
-from proxyd.ops import ExportOps, SpecialFileRefused
+from proxyd.config import EXIT_EXPORT, EXIT_INTERNAL, EXIT_OK, Config, ExportConfig
+from proxyd.ops import ExportOps, ReadOnlyOps, SpecialFileRefused, has_generations
+from proxyd.slot import Slot
+from proxyd.title import set_title
 
 Handler = Callable[[memoryview], Any]
 
 _SCM_RIGHTS = socket.SCM_RIGHTS
 _SOL_SOCKET = socket.SOL_SOCKET
+_ZERO_HEADER = bytes(p.HEADER_SIZE)
 
 
 def _data_or_length(value: int | bytes) -> bytes:
@@ -94,34 +103,66 @@ def _is_fd_reply(code: int) -> bool:
 
 @dataclass
 class ConnectionStats:
-    """What one connection did, for the closing log line."""
+    """What one connection did, for the closing log line and the master."""
 
     requests: int = 0
     errors: int = 0
-    reason: str = "eof"  # why serving ended
+    reason: str = "eof"  # why serving ended: eof, released, protocol-error, stalled, ...
     protocol_error: str | None = None
+
+
+class _Released(Exception):
+    """The master asked for the connection back at a request boundary."""
+
+
+class _Stalled(Exception):
+    """The peer sent part of a request and then nothing for request_timeout."""
+
+
+# How often a worker blocked on a quiet connection looks up (SO_RCVTIMEO): to hand
+# the connection back when the master asks, and to notice a peer stalled mid-request.
+WAKE_INTERVAL = 0.5
+_WAKE_TIMEVAL = struct.pack("@ll", 0, int(WAKE_INTERVAL * 1_000_000))
 
 
 class Server:
     """Serves proxy connections, one at a time, with one set of handlers.
 
-    `log` is a structlog-style bound logger. `buffer` may be supplied (the daemon
-    gives a shared page so that its master can see a request in flight).
+    The request buffer and the in-flight fields live in a Slot shared with the
+    master (a private one when there is no master), so that a crash at any point
+    leaves the master enough to answer the guest or hand the connection on.
     """
 
-    def __init__(self, ops: ExportOps, log: Any, buffer: bytearray | memoryview | None = None):
+    def __init__(
+        self, ops: ExportOps, log: Any, slot: Slot | None = None, request_timeout: float = 30.0
+    ) -> None:
         self._handlers = request_handlers(ops)
         self._log = log
-        self._buf = memoryview(buffer if buffer is not None else bytearray(p.BUFFER_SIZE))
-        if len(self._buf) < p.BUFFER_SIZE:
-            raise ValueError(f"request buffer must hold {p.BUFFER_SIZE} bytes")
+        self._slot = slot if slot is not None else Slot()
+        self._stall_wakeups = max(1, round(request_timeout / WAKE_INTERVAL))
+
+    def set_log(self, log: Any) -> None:
+        """The logger of the next connection (bound to its id and peer)."""
+        self._log = log
 
     def serve(self, sock: socket.socket) -> ConnectionStats:
-        """Answer requests on `sock` until EOF or a fatal protocol error."""
+        """Answer requests on `sock` until EOF, a fatal protocol error or a release.
+
+        The slot may already hold the start of a request (handed on by the master
+        from a worker that died while receiving it).
+        """
         stats = ConnectionStats()
         started = time.monotonic()
+        sock.setsockopt(_SOL_SOCKET, socket.SO_RCVTIMEO, _WAKE_TIMEVAL)
         try:
             self._loop(sock, stats)
+        except _Released:
+            stats.reason = "released"
+        except _Stalled:
+            stats.reason = "stalled"
+            self._log.warning(
+                "peer stalled mid-request, closing connection", have=self._slot.fields[slot.HAVE]
+            )
         except p.FatalProtocolError as e:
             stats.reason, stats.protocol_error = "protocol-error", str(e)
             self._log.warning("protocol error, closing connection", error=str(e))
@@ -129,42 +170,73 @@ class Server:
             stats.reason = f"peer-gone: {e.strerror}"
         except OSError as e:
             stats.reason = f"socket-error: {e.strerror}"
-        self._log.info(
-            "connection closed",
-            reason=stats.reason,
-            requests=stats.requests,
-            errors=stats.errors,
-            duration_s=round(time.monotonic() - started, 3),
-        )
+        self._slot.fields[slot.PHASE] = slot.IDLE
+        if stats.reason != "released":
+            self._log.info(
+                "connection closed",
+                reason=stats.reason,
+                requests=stats.requests,
+                errors=stats.errors,
+                duration_s=round(time.monotonic() - started, 3),
+            )
         return stats
 
+    def _receive(self, sock: socket.socket, have: int, need: int) -> int:
+        """Read until `need` bytes are in the buffer; 0 at EOF (or EOF mid-request)."""
+        buf, fields = self._slot.request, self._slot.fields
+        quiet = 0
+        while have < need:
+            try:
+                n = sock.recv_into(buf[have:])
+            except BlockingIOError:  # SO_RCVTIMEO expired: nothing arrived
+                if have == 0:
+                    if fields[slot.COMMAND] == slot.RETIRE:
+                        raise _Released from None
+                    continue
+                quiet += 1
+                if quiet >= self._stall_wakeups:
+                    raise _Stalled from None
+                continue
+            if n == 0:
+                return 0
+            have += n
+            fields[slot.HAVE] = have
+            quiet = 0
+        return have
+
     def _loop(self, sock: socket.socket, stats: ConnectionStats) -> None:
-        buf = self._buf
+        buf, fields = self._slot.request, self._slot.fields
         handlers = self._handlers
-        recv_into = sock.recv_into
+        receive = self._receive
         sendall = sock.sendall
         unpack_header = p.HEADER.unpack_from
-        have = 0  # bytes in buf: the current request, maybe the start of the next
+        HEADER_SIZE = p.HEADER_SIZE  # noqa: N806 (a local for the hot loop)
+        have = fields[slot.HAVE]  # bytes already in the buffer: a handed-on request
+        if have == 0:
+            buf[:HEADER_SIZE] = _ZERO_HEADER
+        fields[slot.PHASE] = slot.RECEIVING
+        seq = 0
         while True:
-            while have < p.HEADER_SIZE:
-                n = recv_into(buf[have:])
-                if n == 0:
-                    if have:
-                        stats.reason = "eof-mid-request"
+            if have == 0 and fields[slot.COMMAND] == slot.RETIRE:
+                raise _Released
+            if have < HEADER_SIZE:
+                have = receive(sock, have, HEADER_SIZE)
+                if have == 0:
                     return
-                have += n
             code, size = unpack_header(buf)
             p.check_header(code, size)
-            end = p.HEADER_SIZE + size
-            while have < end:
-                n = recv_into(buf[have:])
-                if n == 0:
+            end = HEADER_SIZE + size
+            if have < end:
+                have = receive(sock, have, end)
+                if have == 0:
                     stats.reason = "eof-mid-request"
                     return
-                have += n
 
+            seq += 1
+            fields[slot.SEQ] = seq
+            fields[slot.PHASE] = slot.EXECUTING
             stats.requests += 1
-            payload = buf[p.HEADER_SIZE : end]
+            payload = buf[HEADER_SIZE:end]
             if _is_fd_reply(code):
                 self._answer_with_fd(sock, code, handlers[code], payload, stats)
             else:
@@ -173,21 +245,38 @@ class Server:
                 except Exception as e:
                     stats.errors += 1
                     reply = p.encode_error(self._errno_of(code, e))
+                fields[slot.PHASE] = slot.REPLY_READY
                 sendall(reply)
 
-            if have > end:  # a client that did not wait for its reply: keep the rest
-                buf[: have - end] = buf[end:have]
+            # Back to a request boundary. Clear the header before saying RECEIVING,
+            # so that a header the master finds there was really just received.
             have -= end
+            if have:  # a client that did not wait for its reply: keep the rest
+                buf[:have] = buf[end : end + have]
+            else:
+                buf[:HEADER_SIZE] = _ZERO_HEADER
+            fields[slot.HAVE] = have
+            fields[slot.PHASE] = slot.RECEIVING
 
-    def _answer_with_fd(self, sock: socket.socket, code: int, handler: Handler,
-                        payload: memoryview, stats: ConnectionStats) -> None:  # fmt: skip
+    def _answer_with_fd(
+        self,
+        sock: socket.socket,
+        code: int,
+        handler: Handler,
+        payload: memoryview,
+        stats: ConnectionStats,
+    ) -> None:
+        fields = self._slot.fields
         try:
             fd = handler(payload)
         except Exception as e:
             stats.errors += 1
-            sock.sendall(p.encode_fd_reply(-self._errno_of(code, e)))
+            reply = p.encode_fd_reply(-self._errno_of(code, e))
+            fields[slot.PHASE] = slot.REPLY_READY
+            sock.sendall(reply)
             return
         try:
+            fields[slot.PHASE] = slot.REPLY_READY
             sock.sendmsg([p.FD_REPLY_VALID], [(_SOL_SOCKET, _SCM_RIGHTS, p.FD_REPLY.pack(fd))])
         finally:
             os.close(fd)  # the client has its own copy now (or none, if sending failed)
@@ -215,3 +304,116 @@ def _printable(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "backslashreplace")
     return str(value)
+
+
+# --- the worker process ----------------------------------------------------------------
+
+
+def _title(export: str, index: int, state: str) -> None:
+    set_title(f"worker {export}#{index} {state}")
+
+
+def _quiet_signals() -> None:
+    """The master owns signals. A worker ignores TERM/INT/HUP (a process-group signal
+    from a terminal or supervisord must not cut a request short: the master retires
+    workers at request boundaries) and is only ever killed by the master."""
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGQUIT, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    for sig in (
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGHUP,
+        signal.SIGTTIN,
+        signal.SIGTTOU,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+    ):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def run_worker(
+    export: ExportConfig,
+    config: Config,
+    index: int,
+    control: socket.socket,
+    journal: Slot,
+    master_pid: int,
+) -> NoReturn:
+    """Main of a forked worker: sandbox, report ready, serve what the master hands over.
+
+    Never returns: a worker leaves with os._exit so that nothing of the master's
+    (atexit handlers, finally blocks up the stack) runs in it.
+    """
+    code = EXIT_INTERNAL
+    try:
+        code = _worker(export, config, index, control, journal, master_pid)
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            log.get(role="worker", export=export.name, worker=index).exception("worker crashed")
+    finally:
+        os._exit(code)
+
+
+def _worker(
+    export: ExportConfig,
+    config: Config,
+    index: int,
+    control: socket.socket,
+    journal: Slot,
+    master_pid: int,
+) -> int:
+    privileges.die_with_parent(signal.SIGKILL)
+    if os.getppid() != master_pid:  # the master died before PDEATHSIG was armed
+        return EXIT_OK
+    # No core files: a hung worker is killed with SIGABRT, and its cwd is the export.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _quiet_signals()
+    _title(export.name, index, "starting")
+    log.configure(config.log_format, config.log_level, to_syslog=config.daemonize)
+    logger = log.get(role="worker", export=export.name, worker=index)
+    try:
+        privileges.enter_sandbox(export.path)
+    except privileges.SandboxError as e:
+        logger.error("export cannot be served", error=str(e))
+        return EXIT_EXPORT
+    ops_class = ReadOnlyOps if export.readonly else ExportOps
+    ops = ops_class(privileges.Credentials(), has_generations())
+    server = Server(ops, logger, journal, config.request_timeout)
+    channel.send(control, {"op": "ready"})
+    _title(export.name, index, "idle")
+    while True:
+        message, fd = channel.receive(control)
+        if message is None:  # the master closed our channel: retire
+            return EXIT_OK
+        if message["op"] != "serve" or fd is None:
+            if fd is not None:
+                os.close(fd)
+            logger.error("unexpected message from master", message=message)
+            return EXIT_INTERNAL
+        conn_id = message["conn"]
+        conn = socket.socket(fileno=fd)
+        _title(export.name, index, f"conn={conn_id} peer={message.get('peer_pid', '?')}")
+        server_log = logger.bind(
+            conn=conn_id,
+            peer_pid=message.get("peer_pid"),
+            peer_uid=message.get("peer_uid"),
+            peer_gid=message.get("peer_gid"),
+        )
+        server.set_log(server_log)
+        stats = server.serve(conn)
+        conn.close()
+        op = "released" if stats.reason == "released" else "done"
+        channel.send(
+            control,
+            {
+                "op": op,
+                "conn": conn_id,
+                "requests": stats.requests,
+                "errors": stats.errors,
+                "reason": stats.reason,
+            },
+        )
+        if op == "released":
+            return EXIT_OK
+        _title(export.name, index, "idle")

@@ -4,6 +4,7 @@ distinct exit codes, named sockets claimed safely, daemon mode."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -19,8 +20,9 @@ PROXYD = [sys.executable, "-m", "proxyd"]
 
 
 def run(*args: str, **kw) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
-    return subprocess.run([*PROXYD, *args], cwd=CHECKOUT, capture_output=True, text=True,
-                          timeout=30, **kw)  # fmt: skip
+    return subprocess.run(
+        [*PROXYD, *args], cwd=CHECKOUT, capture_output=True, text=True, timeout=30, **kw
+    )
 
 
 def one_line_error(result: subprocess.CompletedProcess, code: int, text: str) -> None:
@@ -40,8 +42,20 @@ def export(tmp_path: Path) -> Path:
 def test_help_lists_the_reference_flags() -> None:
     result = run("--help")
     assert result.returncode == 0
-    for flag in ("-p", "--path", "-f", "--fd", "-s", "--socket", "-u", "--uid", "-g", "--gid",
-                 "-n", "--nodaemon"):  # fmt: skip
+    for flag in (
+        "-p",
+        "--path",
+        "-f",
+        "--fd",
+        "-s",
+        "--socket",
+        "-u",
+        "--uid",
+        "-g",
+        "--gid",
+        "-n",
+        "--nodaemon",
+    ):
         assert flag in result.stdout
 
 
@@ -49,42 +63,59 @@ def test_usage_errors(export: Path, tmp_path: Path) -> None:
     sock = str(tmp_path / "s")
     one_line_error(run(), 2, "no export path")
     one_line_error(run("-p", str(export), "-n"), 2, "give a socket path (-s)")
-    one_line_error(run("-p", str(export), "-s", sock, "-f", "0", "-u", "0", "-g", "0"), 2,
-                   "cannot be used together")  # fmt: skip
+    one_line_error(
+        run("-p", str(export), "-s", sock, "-f", "0", "-u", "0", "-g", "0"),
+        2,
+        "cannot be used together",
+    )
     one_line_error(run("-p", str(export), "-s", sock), 2, "-u UID and -g GID")
     one_line_error(run("-p", str(export), "-s", sock, "-u", "0"), 2, "-u UID and -g GID")
-    one_line_error(run("-p", str(export), "-s", sock, "-u", "root", "-g", "0"), 2,
-                   "'root' is not a number")  # fmt: skip
+    one_line_error(
+        run("-p", str(export), "-s", sock, "-u", "root", "-g", "0"), 2, "'root' is not a number"
+    )
     one_line_error(run("-p", str(export), "--bogus"), 2, "unrecognized arguments")
     one_line_error(run("-p", str(export), "-f", "999", "-n"), 2, "no such open descriptor")
     with open(export / "file", "w") as f:
-        one_line_error(run("-p", str(export), "-f", str(f.fileno()), "-n", pass_fds=[f.fileno()]),
-                       2, "not a socket")  # fmt: skip
+        one_line_error(
+            run("-p", str(export), "-f", str(f.fileno()), "-n", pass_fds=[f.fileno()]),
+            2,
+            "not a socket",
+        )
 
 
 def test_export_errors(export: Path) -> None:
     (export / "file").write_text("")
-    one_line_error(run("-p", str(export / "missing"), "-f", "0", "-n"), 3,
-                   "No such file or directory")  # fmt: skip
+    one_line_error(
+        run("-p", str(export / "missing"), "-f", "0", "-n"), 3, "No such file or directory"
+    )
     one_line_error(run("-p", str(export / "file"), "-f", "0", "-n"), 3, "is not a directory")
 
 
 def test_socket_path_errors(export: Path, tmp_path: Path) -> None:
     long_path = str(tmp_path / ("x" * 120))
-    one_line_error(run("-p", str(export), "-s", long_path, "-u", "0", "-g", "0", "-n"), 2,
-                   "longer than the 107 bytes")  # fmt: skip
+    one_line_error(
+        run("-p", str(export), "-s", long_path, "-u", "0", "-g", "0", "-n"),
+        2,
+        "longer than the 107 bytes",
+    )
     regular = tmp_path / "regular"
     regular.write_text("keep me")
-    one_line_error(run("-p", str(export), "-s", str(regular), "-u", "0", "-g", "0", "-n"), 2,
-                   "exists and is not a socket")  # fmt: skip
+    one_line_error(
+        run("-p", str(export), "-s", str(regular), "-u", "0", "-g", "0", "-n"),
+        2,
+        "exists and is not a socket",
+    )
     assert regular.read_text() == "keep me"
     live = tmp_path / "live.sock"
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(live))
     listener.listen(1)
     try:
-        one_line_error(run("-p", str(export), "-s", str(live), "-u", "0", "-g", "0", "-n"), 4,
-                       "in use by a live listener")  # fmt: skip
+        one_line_error(
+            run("-p", str(export), "-s", str(live), "-u", "0", "-g", "0", "-n"),
+            4,
+            "in use by a live listener",
+        )
         assert stat.S_ISSOCK(os.lstat(live).st_mode)
     finally:
         listener.close()
@@ -108,9 +139,24 @@ def test_named_socket_serves_one_client(export: Path, tmp_path: Path) -> None:
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(sock_path))  # bound, never listening: what a crashed helper leaves
     stale.close()
-    proc = subprocess.Popen([*PROXYD, "-n", "-p", str(export), "-s", str(sock_path),
-                             "-u", "1234", "-g", "5678"], cwd=CHECKOUT,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            *PROXYD,
+            "-n",
+            "--once",
+            "-p",
+            str(export),
+            "-s",
+            str(sock_path),
+            "-u",
+            "1234",
+            "-g",
+            "5678",
+        ],
+        cwd=CHECKOUT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 10
         while True:  # the stale socket is replaced by ours
@@ -139,17 +185,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _pids_running_with(argument: str) -> list[int]:
-    pids = []
+def _master_serving(export: Path) -> int:
+    """The pid of the master whose title names `export` (its argv is overwritten)."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                title = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
-            if argument.encode() in argv:
-                pids.append(int(entry))
-    return pids
+            if title.startswith(b"proxyd: master") and f"-p {export} ".encode() in title:
+                return int(entry)
+    raise AssertionError(f"no master serving {export}")
 
 
 def test_daemon_mode_detaches_and_serves(export: Path, tmp_path: Path) -> None:
@@ -162,11 +208,20 @@ def test_daemon_mode_detaches_and_serves(export: Path, tmp_path: Path) -> None:
     (export / "seen").write_text("")
     assert client.lstat("/seen").ok
     # SO_PEERCRED names the process that listened, which daemonizing left behind.
-    (pid,) = _pids_running_with(str(sock_path))
+    pid = _master_serving(export)
     assert os.getsid(pid) != os.getsid(0)  # a session of its own
     assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
     client.close()
+    # Long-running: QEMU unlinks the path after connecting; the daemon binds it again.
+    os.unlink(sock_path)
+    _wait_for(sock_path)
+    second = _connect(sock_path)
+    assert second.lstat("/seen").ok
+    second.close()
+    assert _alive(pid)
+    os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     while _alive(pid):
-        assert time.monotonic() < deadline, "daemon did not exit after its client left"
+        assert time.monotonic() < deadline, "daemon did not stop on SIGTERM"
         time.sleep(0.05)
+    assert not sock_path.exists()  # a stopping daemon removes its socket

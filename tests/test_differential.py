@@ -85,6 +85,9 @@ STEPS: list[Step] = [
     # --- whole-export queries
     ("statfs root", "statfs", ("/",), OK),
     ("lstat root", "lstat", ("/",), OK),
+    # QEMU counts the C terminator in the length of the paths it looks up, from "//".
+    ("lstat root as QEMU sends it", "lstat", (b"/\0",), OK),
+    ("statfs as QEMU sends it", "statfs", (b"//\0",), OK),
     ("lstat empty path", "lstat", ("",), E.ENOENT),
     ("getversion root", "getversion", ("/",), OK),
     ("lstat dotdot stays in export", "lstat", ("../../..",), OK),
@@ -95,6 +98,7 @@ STEPS: list[Step] = [
     ("mkdir missing parent", "mkdir", (0, 0, "nope/x", 0o755), E.ENOENT),
     ("mkdir uid 1000", "mkdir", (1000, 1000, "/u", 0o750), OK),
     ("lstat u", "lstat", ("u",), OK),
+    ("lstat u as QEMU sends it", "lstat", (b"//u\0",), OK),
     ("mkdir name too long", "mkdir", (0, 0, LONG, 0o755), E.ENAMETOOLONG),
     ("mkdir non-utf8", "mkdir", (0, 0, b"\xff\xfe-dir", 0o755), OK),
     ("lstat non-utf8", "lstat", (b"\xff\xfe-dir",), OK),
@@ -701,7 +705,7 @@ def test_malformed_request_gets_errno_and_connection_survives(
 EMBEDDED_NUL = {
     "lstat": (LSTAT, pack_s(b"f\0x"), "data"),
     "mkdir": (MKDIR, marshal("ddsd", 0, 0, b"nul\0tail", 0o755), "status"),
-    "open": (OPEN, marshal("sd", b"f\0", RD), "fd"),
+    "open": (OPEN, marshal("sd", b"f\0x", RD), "fd"),
     "create": (CREATE, marshal("sdddd", b"new\0x", CR | WR, 0o644, 0, 0), "fd"),
     "symlink target": (SYMLINK, marshal("ddss", 0, 0, b"t\0x", "l"), "status"),
     "xattr name": (LSETXATTR, marshal("sssdd", "f", b"user.a\0b", "v", 1, 0), "status"),

@@ -86,6 +86,14 @@ def test_nul_in_a_path_is_refused(code: int) -> None:
     assert exc.value.errno == errno.EINVAL  # the other malformed cases get ENOBUFS
 
 
+def test_terminating_nul_ends_a_path() -> None:
+    # QEMU sends the paths it looks up with their C terminator counted in the length.
+    assert p.decode_path(s(b"//d\0")) == (b"//d",)
+    assert p.decode_two_paths(s(b"/a\0") + s(b"/b")) == (b"/a", b"/b")
+    with pytest.raises(p.NulInPath):
+        p.decode_path(s(b"/a\0b\0"))
+
+
 def test_xattr_value_may_hold_nul_bytes() -> None:
     payload = s(b"/f") + s(b"user.x") + s(b"\0\1\0") + d(3) + d(0)
     assert p.decode_setxattr(payload) == (b"/f", b"user.x", b"\0\1\0", 3, 0)
@@ -135,12 +143,23 @@ def test_stat_record_is_116_bytes_in_wire_order() -> None:
     # 13 q + 3 d = 116 bytes; protocol.md says 112, which is wrong.
     assert struct.unpack_from("=II", reply) == (p.T_SUCCESS, 116)
     fields = struct.unpack_from("=qqqiIiqqqqqqqqqq", reply, 8)
-    assert fields == (1, 2, 3, 0o100644, 4294967294, 6, 7, 8, 9, 10, 11, 12, -1, 999999999,
-                      15, 16)  # fmt: skip
+    assert fields == (1, 2, 3, 0o100644, 4294967294, 6, 7, 8, 9, 10, 11, 12, -1, 999999999, 15, 16)
 
 
 def test_statfs_record_sign_extends_fsid() -> None:
     reply = p.encode_statfs((0xEF53, 4096, 1, 2, 3, 4, 5, -5, 7, 255, 4096))
     assert struct.unpack_from("=II11q", reply) == (
-        p.T_SUCCESS, 88, 0xEF53, 4096, 1, 2, 3, 4, 5, -5, 7, 255, 4096,
-    )  # fmt: skip
+        p.T_SUCCESS,
+        88,
+        0xEF53,
+        4096,
+        1,
+        2,
+        3,
+        4,
+        5,
+        -5,
+        7,
+        255,
+        4096,
+    )

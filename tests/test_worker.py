@@ -70,23 +70,38 @@ def _status_fields(pid: int) -> dict[str, str]:
     return fields
 
 
+def worker_pids(master_pid: int) -> list[int]:
+    """The master's children: its workers."""
+    text = Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text()
+    return [int(pid) for pid in text.split()]
+
+
 def test_serving_process_is_sandboxed(server: ServerHandle, export: Path) -> None:
-    ok(server.client.lstat("/"))  # a reply means the sandbox is in place
-    status = _status_fields(server.proc.pid)
+    ok(server.client.lstat("/"))  # a reply means a worker is serving, sandboxed
+    (worker,) = worker_pids(server.proc.pid)
+    status = _status_fields(worker)
     assert int(status["CapEff"], 16) == WORKER_CAPS
     assert int(status["CapPrm"], 16) == WORKER_CAPS
     assert int(status["CapBnd"], 16) == WORKER_CAPS
     assert int(status["CapInh"], 16) == 0
     assert int(status["CapAmb"], 16) == 0
     assert status["NoNewPrivs"] == "1"
-    assert os.readlink(f"/proc/{server.proc.pid}/root") == str(export)
-    assert os.readlink(f"/proc/{server.proc.pid}/cwd") == str(export)
-    # Nothing outside the export is held open: only stdio, the connection, and
-    # descriptors that point inside the export.
+    assert os.readlink(f"/proc/{worker}/root") == str(export)
+    assert os.readlink(f"/proc/{worker}/cwd") == str(export)
+    # Nothing outside the export is held open: stdio, the connection, the channel to
+    # the master; no listener, no other guest's connection, no file of the host.
+    for fd in os.listdir(f"/proc/{worker}/fd"):
+        target = os.readlink(f"/proc/{worker}/fd/{fd}")
+        assert target.startswith(("socket:", "pipe:", "/dev/null", str(export))) or (
+            target.startswith("/tmp/#")  # the test's stderr capture file
+        ), target
+    # The master stays root and unconfined, and holds no file of the export.
+    master = _status_fields(server.proc.pid)
+    assert os.readlink(f"/proc/{server.proc.pid}/root") == "/"
+    assert master["NoNewPrivs"] == "0"
     for fd in os.listdir(f"/proc/{server.proc.pid}/fd"):
         target = os.readlink(f"/proc/{server.proc.pid}/fd/{fd}")
-        assert (target.startswith(("socket:", "pipe:", "/dev/null", str(export)))
-                or target.startswith("/tmp/#")), target  # fmt: skip
+        assert not target.startswith(str(export)), target
 
 
 def test_paths_cannot_leave_the_export(client: ProxyClient, export: Path) -> None:
@@ -167,10 +182,10 @@ def test_create_as_the_guests_user(client: ProxyClient, export: Path) -> None:
     assert (st.st_uid, st.st_gid) == (1000, 1001)
     assert stat.S_IMODE(st.st_mode) == 0o4755  # umask 0: exactly what was asked
     assert (export / "new").read_bytes() == b"data"
-    fails(client.create("/new", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644, 1000, 1000),
-          errno.EEXIST)  # fmt: skip
-    fails(client.create("/no/dir/f", os.O_CREAT | os.O_WRONLY, 0o644, 1000, 1000),
-          errno.ENOENT)  # fmt: skip
+    fails(
+        client.create("/new", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644, 1000, 1000), errno.EEXIST
+    )
+    fails(client.create("/no/dir/f", os.O_CREAT | os.O_WRONLY, 0o644, 1000, 1000), errno.ENOENT)
 
 
 def test_credentials_are_restored_after_every_request(client: ProxyClient, export: Path) -> None:
@@ -194,8 +209,12 @@ def test_mknod_mkdir_symlink_as_user(client: ProxyClient, export: Path) -> None:
     ok(client.mknod(1000, 1000, "/reg", stat.S_IFREG | 0o600, 0))
     ok(client.mkdir(1234, 5678, "/dir", 0o1775))  # mkdir(2) honours only the sticky bit
     ok(client.symlink(1234, 5678, "dir", "/sym"))
-    for name, kind in (("fifo", stat.S_ISFIFO), ("reg", stat.S_ISREG), ("dir", stat.S_ISDIR),
-                       ("sym", stat.S_ISLNK)):  # fmt: skip
+    for name, kind in (
+        ("fifo", stat.S_ISFIFO),
+        ("reg", stat.S_ISREG),
+        ("dir", stat.S_ISDIR),
+        ("sym", stat.S_ISLNK),
+    ):
         assert kind(os.lstat(export / name).st_mode), name
     assert os.lstat(export / "dir").st_uid == 1234
     assert stat.S_IMODE(os.lstat(export / "dir").st_mode) == 0o1775
@@ -235,8 +254,7 @@ def test_lstat_readlink_statfs(client: ProxyClient, export: Path) -> None:
     os.symlink("target-of-link", export / "l")
     st = decode_stat(client.lstat("/f").data)
     host = os.lstat(export / "f")
-    assert (st["ino"], st["size"], st["mode"], st["nlink"]) == (
-        host.st_ino, 5, host.st_mode, 1)  # fmt: skip
+    assert (st["ino"], st["size"], st["mode"], st["nlink"]) == (host.st_ino, 5, host.st_mode, 1)
     assert (st["mtime_sec"], st["mtime_nsec"]) == divmod(host.st_mtime_ns, 10**9)
     assert stat.S_ISLNK(decode_stat(client.lstat("/l").data)["mode"])
     assert unpack_s(client.readlink("/l", 4096).data) == b"target-of-link"
@@ -249,7 +267,10 @@ def test_lstat_readlink_statfs(client: ProxyClient, export: Path) -> None:
     host_fs = os.statvfs(export)
     assert fs["type"] == 0xEF53 or fs["type"] > 0
     assert (fs["bsize"], fs["blocks"], fs["namelen"]) == (
-        host_fs.f_bsize, host_fs.f_blocks, host_fs.f_namemax)  # fmt: skip
+        host_fs.f_bsize,
+        host_fs.f_blocks,
+        host_fs.f_namemax,
+    )
     fails(client.statfs("/missing"), errno.ENOENT)
     fails(client.lstat("/missing"), errno.ENOENT)
 
@@ -300,7 +321,8 @@ def test_xattrs(client: ProxyClient, export: Path) -> None:
     names = b"user.one\0user.two\0"
     assert client.llistxattr(0, "/f").value == len(names)
     assert sorted(unpack_s(client.llistxattr(100, "/f").data).split(b"\0")) == sorted(
-        names.split(b"\0"))  # fmt: skip
+        names.split(b"\0")
+    )
     fails(client.llistxattr(4, "/f"), errno.ERANGE)
     ok(client.lremovexattr("/f", "user.one"))
     fails(client.lremovexattr("/f", "user.one"), errno.ENODATA)

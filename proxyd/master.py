@@ -1,0 +1,906 @@
+"""The master: accepts connections and hands them to chrooted, pre-forked workers.
+
+One thread, one selector loop over the listening sockets, the workers' channels, the
+signal pipe and an inotify descriptor. Signal handlers do nothing but wake the loop
+(signal.set_wakeup_fd); each signal then has one method here. The master keeps its
+own copy of every live connection, so a worker's death costs the guest at most an
+EIO on the request in flight (see recover()), never its mount. It never touches a
+file of an export.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import fcntl
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from proxyd import __version__, channel, listener, log, slot
+from proxyd import protocol as p
+from proxyd.config import EXIT_EXPORT, EXIT_OK, Config, ConfigError, ExportConfig, load_file
+from proxyd.slot import Slot
+from proxyd.title import set_title
+from proxyd.worker import run_worker
+
+TICK = 0.25  # seconds between housekeeping rounds
+POISON_DEATHS = 3  # worker deaths within POISON_WINDOW that close a connection
+POISON_WINDOW = 60.0
+START_FAILURES_FATAL = 5  # consecutive "export cannot be served" starts before giving up
+BACKOFF_MAX = 10.0
+PENDING_LIMIT = 64  # connections waiting in the master before the backlog takes over
+ABORT_GRACE = 2.0  # SIGABRT -> SIGKILL for a hung worker
+
+SIOCINQ = 0x541B
+SIOCOUTQ = 0x5411
+
+HANDLED_SIGNALS = (
+    signal.SIGCHLD,
+    signal.SIGHUP,
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+)
+
+
+@dataclass(eq=False)
+class Connection:
+    id: int
+    sock: socket.socket  # the master's own copy
+    export: str
+    peer_pid: int
+    peer_uid: int
+    peer_gid: int
+    accepted: float = field(default_factory=time.time)
+    requests: int = 0
+    errors: int = 0
+    deaths: list[float] = field(default_factory=list)
+    prefix: bytes = b""  # start of a request consumed by a worker that then died
+
+
+@dataclass(eq=False)
+class Worker:
+    pid: int
+    pool: Pool
+    index: int
+    generation: int
+    control: socket.socket
+    journal: Slot
+    started: float = field(default_factory=time.time)
+    state: str = "starting"  # starting, idle, busy, retiring
+    conn: Connection | None = None
+    connections: int = 0  # served so far
+    requests: int = 0
+    watch_seq: int = -1  # hang detection: the request seen executing ...
+    watch_since: float = 0.0  # ... since when
+    aborted_at: float | None = None
+
+
+@dataclass(eq=False)
+class Pool:
+    """The workers and waiting connections of one export."""
+
+    config: ExportConfig
+    min_idle: int
+    listener: listener.Listener | None = None
+    workers: dict[int, Worker] = field(default_factory=dict)
+    pending: collections.deque[Connection] = field(default_factory=collections.deque)
+    next_index: int = 0
+    start_failures: int = 0
+    next_start: float = 0.0
+    exhausted: bool = False
+    paused: bool = False
+    removed: bool = False
+
+    def live(self) -> int:
+        return len(self.workers)
+
+    def idle_worker(self, generation: int) -> Worker | None:
+        for w in self.workers.values():
+            if w.state == "idle" and w.generation == generation:
+                return w
+        return None
+
+    def spare(self, generation: int) -> int:
+        return sum(
+            1
+            for w in self.workers.values()
+            if w.state in ("idle", "starting") and w.generation == generation
+        )
+
+
+def _peer(sock: socket.socket) -> tuple[int, int, int]:
+    return struct.unpack("=iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+
+
+def _queued(sock: socket.socket, request: int) -> int:
+    buf = bytearray(4)
+    fcntl.ioctl(sock.fileno(), request, buf)
+    return int.from_bytes(buf, sys.byteorder)
+
+
+def _describe_exit(status: int) -> dict[str, Any]:
+    if os.WIFSIGNALED(status):
+        return {"signal": signal.Signals(os.WTERMSIG(status)).name}
+    return {"exit_code": os.WEXITSTATUS(status)}
+
+
+class Master:
+    def __init__(self, config: Config, bound: dict[str, listener.Listener] | None = None) -> None:
+        self.config = config
+        self.log = log.get(role="master")
+        self.selector = selectors.DefaultSelector()
+        self.pools: dict[str, Pool] = {}
+        self.workers: dict[int, Worker] = {}
+        self.connections: dict[int, Connection] = {}
+        self.generation = 0
+        self.next_conn = 1
+        self.stop_deadline: float | None = None
+        self.exit_code = EXIT_OK
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.started = time.time()
+        self._bound = bound or {}
+        self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._watcher = listener.DirectoryWatcher()
+        self.selector.register(self._signal_r, selectors.EVENT_READ, self._on_signal)
+        self.selector.register(self._watcher.fd, selectors.EVENT_READ, self._on_inotify)
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def run(self) -> int:
+        set_title(f"master [{self.config.source}]")
+        self._install_signals()
+        self.log.info(
+            "start",
+            version=__version__,
+            source=self.config.source,
+            exports=[e.name for e in self.config.exports],
+        )
+        for export in self.config.exports:
+            self._add_pool(export)
+        if self.config.fd is not None:
+            self._admit(
+                self.pools[self.config.exports[0].name], socket.socket(fileno=self.config.fd)
+            )
+        while not self._finished():
+            for key, _ in self.selector.select(TICK):
+                key.data(key.fileobj)
+            self._housekeeping()
+        self._shutdown()
+        return self.exit_code
+
+    def _finished(self) -> bool:
+        if self.stop_deadline is None:
+            return False
+        return not self.workers or time.monotonic() >= self.stop_deadline
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        for pool in self.pools.values():
+            if pool.listener is not None and not pool.listener.still_bound():
+                self._rebind(pool)
+            self._dispatch(pool)
+        for w in list(self.workers.values()):
+            if w.state == "busy":
+                self._watch_for_hang(w, now)
+
+    # --- signals: the handlers only wake the loop ----------------------------------------
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._signal_w, warn_on_full_buffer=False)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, lambda *_: None)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def _on_signal(self, _: Any) -> None:
+        try:
+            data = os.read(self._signal_r, 512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            method = {
+                signal.SIGCHLD: self.handle_chld,
+                signal.SIGHUP: self.handle_hup,
+                signal.SIGTERM: self.handle_term,
+                signal.SIGINT: self.handle_term,
+                signal.SIGQUIT: self.handle_quit,
+                signal.SIGTTIN: self.handle_ttin,
+                signal.SIGTTOU: self.handle_ttou,
+            }.get(signum)
+            if method is not None:
+                method()
+
+    def handle_chld(self) -> None:
+        """Reap every exited worker, recover its connection, let the pool replace it."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            w = self.workers.pop(pid, None)
+            if w is not None:
+                self._worker_exited(w, status)
+
+    def handle_term(self) -> None:
+        """Graceful stop; a second TERM is an immediate one."""
+        if self.stop_deadline is not None:
+            self.handle_quit()
+            return
+        self._begin_stop("signal")
+
+    def handle_quit(self) -> None:
+        """Immediate stop: kill every worker now."""
+        self.log.warning("stopping now", workers=len(self.workers))
+        if self.stop_deadline is None:
+            self._begin_stop("quit")
+        for w in self.workers.values():
+            self._kill(w, signal.SIGKILL)
+        self.stop_deadline = time.monotonic()
+
+    def handle_hup(self) -> None:
+        """Re-read the configuration; replace every worker at a request boundary."""
+        if self.stop_deadline is not None:
+            return
+        try:
+            new = self._reread()
+        except ConfigError as e:
+            self.log.error("reload refused", error=str(e))
+            self.counters["reloads_refused"] += 1
+            return
+        old_names = set(self.pools)
+        new_names = {e.name for e in new.exports}
+        self.config = new
+        log.configure(new.log_format, new.log_level, to_syslog=new.daemonize)
+        self.log = log.get(role="master")
+        self.generation += 1
+        for name in old_names - new_names:
+            self._remove_pool(self.pools[name])
+        for export in new.exports:
+            pool = self.pools.get(export.name)
+            if pool is None:
+                self._add_pool(export)
+                continue
+            moved = (export.socket, export.socket_uid, export.socket_gid, export.socket_mode) != (
+                pool.config.socket,
+                pool.config.socket_uid,
+                pool.config.socket_gid,
+                pool.config.socket_mode,
+            )
+            pool.config = export
+            pool.min_idle = export.min_idle
+            if moved:
+                self._close_listener(pool)
+                self._bind(pool)
+        for w in list(self.workers.values()):
+            if w.generation < self.generation:
+                self._retire(w)
+        self.counters["reloads"] += 1
+        self.log.info(
+            "reload applied",
+            generation=self.generation,
+            added=sorted(new_names - old_names),
+            removed=sorted(old_names - new_names),
+            exports=sorted(new_names),
+        )
+
+    def handle_ttin(self) -> None:
+        for pool in self.pools.values():
+            pool.min_idle = min(pool.min_idle + 1, pool.config.max_workers)
+        self.log.info("spare workers", min_idle={n: p.min_idle for n, p in self.pools.items()})
+
+    def handle_ttou(self) -> None:
+        for pool in self.pools.values():
+            pool.min_idle = max(pool.min_idle - 1, 0)
+        self.log.info("spare workers", min_idle={n: p.min_idle for n, p in self.pools.items()})
+
+    def _reread(self) -> Config:
+        if self.config.path is None:
+            return self.config  # flags only: nothing to re-read, workers are still replaced
+        new = load_file(self.config.path)
+        return replace(
+            new,
+            daemonize=self.config.daemonize,
+            once=self.config.once,
+            control_socket=new.control_socket,
+        )
+
+    # --- exports and their sockets --------------------------------------------------------
+
+    def _add_pool(self, export: ExportConfig) -> None:
+        pool = Pool(config=export, min_idle=export.min_idle)
+        self.pools[export.name] = pool
+        if export.socket is not None:
+            pool.listener = self._bound.pop(export.name, None)
+            if pool.listener is None:
+                self._bind(pool)
+            else:
+                self._listen(pool)
+        self._dispatch(pool)
+
+    def _remove_pool(self, pool: Pool) -> None:
+        pool.removed = True
+        self._close_listener(pool)
+        while pool.pending:
+            self._close_connection(pool.pending.popleft(), "export removed")
+        for w in list(pool.workers.values()):
+            self._retire(w)
+        del self.pools[pool.config.name]
+
+    def _bind(self, pool: Pool) -> None:
+        export = pool.config
+        assert export.socket is not None
+        try:
+            stale = listener.claim_path(export.socket)
+            pool.listener = listener.bind(
+                export.socket, export.socket_uid, export.socket_gid, export.socket_mode
+            )
+        except ConfigError as e:
+            self.log.error("cannot bind export socket", export=export.name, error=str(e))
+            return
+        if stale:
+            self.log.info("stale socket replaced", export=export.name, socket=export.socket)
+        self._listen(pool)
+
+    def _listen(self, pool: Pool) -> None:
+        assert pool.listener is not None
+        pool.listener.sock.setblocking(False)
+        self.selector.register(
+            pool.listener.sock,
+            selectors.EVENT_READ,
+            lambda sock, pool=pool: self._on_accept(pool, sock),
+        )
+        pool.paused = False
+        self._watcher.watch(os.path.dirname(pool.listener.path))
+        self.log.info(
+            "export bound",
+            export=pool.config.name,
+            socket=pool.listener.path,
+            path=pool.config.path,
+            readonly=pool.config.readonly,
+        )
+
+    def _close_listener(self, pool: Pool, unlink: bool = True) -> None:
+        if pool.listener is None:
+            return
+        if not pool.paused:
+            self.selector.unregister(pool.listener.sock)
+        pool.listener.close(unlink=unlink)
+        pool.listener = None
+
+    def _rebind(self, pool: Pool) -> None:
+        """QEMU unlinked the path after connecting: bind it again for the next VM.
+
+        Connections already queued on the old socket are accepted before it closes.
+        """
+        old = pool.listener
+        assert old is not None
+        if not pool.paused:
+            self.selector.unregister(old.sock)
+        pool.listener = None
+        self._bind(pool)
+        if pool.listener is None:  # could not bind: keep serving the old backlog
+            pool.listener = old
+            self._listen(pool)
+            return
+        self._on_accept(pool, old.sock, limit=None)
+        old.close(unlink=False)
+        self.counters["rebinds"] += 1
+        self.log.info("export socket re-bound", export=pool.config.name, socket=old.path)
+
+    def _on_inotify(self, _: Any) -> None:
+        self._watcher.drain()
+        for pool in list(self.pools.values()):
+            if pool.listener is not None and not pool.listener.still_bound():
+                self._rebind(pool)
+
+    # --- connections ------------------------------------------------------------------------
+
+    def _on_accept(self, pool: Pool, sock: socket.socket, limit: int | None = 16) -> None:
+        accepted = 0
+        while limit is None or accepted < limit:  # bounded: one socket cannot starve the rest
+            try:
+                conn, _ = sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    self._shed(sock)
+                else:
+                    self.log.error("accept failed", export=pool.config.name, error=e.strerror)
+                return
+            accepted += 1
+            self._admit(pool, conn)
+
+    def _shed(self, sock: socket.socket) -> None:
+        """Out of descriptors: use the reserve one to accept and close a connection,
+        so that a full backlog cannot make the loop spin."""
+        os.close(self._reserve_fd)
+        try:
+            conn, _ = sock.accept()
+            conn.close()
+        except OSError:
+            pass
+        self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self.counters["refused_no_fds"] += 1
+        self.log.error("connection refused: out of file descriptors")
+
+    def _admit(self, pool: Pool, sock: socket.socket) -> None:
+        pid, uid, gid = _peer(sock)
+        export = pool.config
+        if (export.allow_uids and uid not in export.allow_uids) or (
+            export.allow_gids and gid not in export.allow_gids
+        ):
+            self.counters["refused_peers"] += 1
+            self.log.warning(
+                "peer refused",
+                export=export.name,
+                peer_pid=pid,
+                peer_uid=uid,
+                peer_gid=gid,
+                reason="not in allow_uids/allow_gids",
+            )
+            sock.close()
+            return
+        conn = Connection(self.next_conn, sock, export.name, pid, uid, gid)
+        self.next_conn += 1
+        self.connections[conn.id] = conn
+        self.counters["connections"] += 1
+        self.log.info(
+            "connection accepted",
+            export=export.name,
+            conn=conn.id,
+            peer_pid=pid,
+            peer_uid=uid,
+            peer_gid=gid,
+        )
+        if self.config.once:  # the reference's behaviour: one connection, then no more
+            for other in self.pools.values():
+                self._close_listener(other)
+        pool.pending.append(conn)
+        self._dispatch(pool)
+
+    def _close_connection(self, conn: Connection, reason: str) -> None:
+        self.connections.pop(conn.id, None)
+        conn.sock.close()
+        self.log.info(
+            "connection closed",
+            export=conn.export,
+            conn=conn.id,
+            reason=reason,
+            requests=conn.requests,
+            errors=conn.errors,
+            duration_s=round(time.time() - conn.accepted, 3),
+        )
+        if self.config.once and self.stop_deadline is None and not self.connections:
+            self._begin_stop("once: the connection ended")
+
+    # --- the pool -------------------------------------------------------------------------------
+
+    def _dispatch(self, pool: Pool) -> None:
+        """Give waiting connections to idle workers; keep the pool at its size."""
+        while pool.pending:
+            w = pool.idle_worker(self.generation)
+            if w is None:
+                break
+            self._hand(w, pool.pending.popleft())
+        if self.stop_deadline is not None or pool.removed:
+            return
+        now = time.monotonic()
+        wanted = pool.min_idle + len(pool.pending)
+        spare = pool.spare(self.generation)
+        while spare < wanted and pool.live() < pool.config.max_workers and now >= pool.next_start:
+            if not self._spawn(pool):
+                break
+            spare += 1
+        if pool.pending and pool.live() >= pool.config.max_workers:
+            if not pool.exhausted:
+                pool.exhausted = True
+                self.counters["pool_exhausted"] += 1
+                self.log.warning(
+                    "pool exhausted",
+                    export=pool.config.name,
+                    max_workers=pool.config.max_workers,
+                    waiting=len(pool.pending),
+                )
+        elif not pool.pending:
+            pool.exhausted = False
+        self._trim(pool, spare - wanted)
+        self._apply_backpressure(pool)
+
+    def _trim(self, pool: Pool, excess: int) -> None:
+        for w in list(pool.workers.values()):
+            if excess <= 0:
+                return
+            if w.state == "idle":
+                self._retire(w)
+                excess -= 1
+
+    def _apply_backpressure(self, pool: Pool) -> None:
+        """Past PENDING_LIMIT waiting connections, stop accepting: the backlog holds them."""
+        if pool.listener is None:
+            return
+        if not pool.paused and len(pool.pending) >= PENDING_LIMIT:
+            self.selector.unregister(pool.listener.sock)
+            pool.paused = True
+        elif pool.paused and len(pool.pending) < PENDING_LIMIT // 2:
+            self.selector.register(
+                pool.listener.sock,
+                selectors.EVENT_READ,
+                lambda sock, pool=pool: self._on_accept(pool, sock),
+            )
+            pool.paused = False
+
+    def _spawn(self, pool: Pool) -> bool:
+        index = pool.next_index
+        pool.next_index += 1
+        master_end, worker_end = channel.pair()
+        journal = Slot()
+        master_pid = os.getpid()
+        # Block our signals across the fork: a signal reaching the child before it
+        # resets its handlers must not be written into the master's wake-up pipe.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as e:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            master_end.close()
+            worker_end.close()
+            journal.close()
+            self.log.error("cannot fork a worker", export=pool.config.name, error=e.strerror)
+            pool.next_start = time.monotonic() + 1.0
+            return False
+        if pid == 0:
+            signal.set_wakeup_fd(-1)
+            for sig in HANDLED_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            master_end.close()
+            self._close_inherited()
+            run_worker(pool.config, self.config, index, worker_end, journal, master_pid)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        worker_end.close()
+        master_end.setblocking(False)
+        w = Worker(pid, pool, index, self.generation, master_end, journal)
+        self.workers[pid] = w
+        pool.workers[pid] = w
+        self.selector.register(
+            master_end, selectors.EVENT_READ, lambda sock, w=w: self._on_worker_message(w)
+        )
+        return True
+
+    def _close_inherited(self) -> None:
+        """In a new worker: drop every descriptor of the master's (it runs as root,
+        unchrooted, and holds other guests' connections)."""
+        for pool in self.pools.values():
+            if pool.listener is not None:
+                pool.listener.sock.close()
+        for bound in self._bound.values():
+            bound.sock.close()
+        for w in self.workers.values():
+            w.control.close()
+            w.journal.close()  # other workers' journals are none of this one's business
+        for conn in self.connections.values():
+            conn.sock.close()
+        self.selector.close()
+        self._watcher.close()
+        for fd in (self._signal_r, self._signal_w, self._reserve_fd):
+            os.close(fd)
+
+    def _retire(self, w: Worker) -> None:
+        """Ask a worker to leave: an idle one at once, a busy one at its next request
+        boundary (it then hands its connection back)."""
+        if w.state in ("idle", "starting"):
+            self._forget_channel(w)
+            w.state = "retiring"
+        elif w.state == "busy":
+            w.journal.fields[slot.COMMAND] = slot.RETIRE
+            w.state = "retiring"
+
+    def _forget_channel(self, w: Worker) -> None:
+        """Close our end of the worker's channel: an idle worker exits at EOF."""
+        if w.control.fileno() >= 0:
+            self.selector.unregister(w.control)
+            w.control.close()
+
+    def _kill(self, w: Worker, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(w.pid, sig)
+
+    def _hand(self, w: Worker, conn: Connection) -> None:
+        journal = w.journal
+        journal.reset()
+        if conn.prefix:
+            journal.request[: len(conn.prefix)] = conn.prefix
+            journal.fields[slot.HAVE] = len(conn.prefix)
+        message = {
+            "op": "serve",
+            "conn": conn.id,
+            "peer_pid": conn.peer_pid,
+            "peer_uid": conn.peer_uid,
+            "peer_gid": conn.peer_gid,
+        }
+        try:
+            channel.send(w.control, message, conn.sock.fileno())
+        except OSError:
+            w.pool.pending.appendleft(conn)  # the worker is gone; SIGCHLD will tell
+            w.state = "retiring"
+            return
+        conn.prefix = b""
+        w.state = "busy"
+        w.conn = conn
+        w.connections += 1
+        w.watch_seq = -1
+
+    # --- messages from workers --------------------------------------------------------------
+
+    def _on_worker_message(self, w: Worker) -> None:
+        while w.control.fileno() >= 0:
+            try:
+                message, fd = channel.receive(w.control, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except (channel.ChannelError, OSError) as e:
+                self.log.error("bad message from worker", worker_pid=w.pid, error=str(e))
+                self._kill(w, signal.SIGKILL)
+                self._forget_channel(w)
+                return
+            if fd is not None:
+                os.close(fd)
+            if message is None:  # the worker is exiting; SIGCHLD says how
+                self._forget_channel(w)
+                return
+            op = message["op"]
+            if op == "ready":
+                self._worker_ready(w)
+            elif op in ("done", "released"):
+                self._worker_finished(w, message)
+
+    def _worker_ready(self, w: Worker) -> None:
+        if w.state == "starting":
+            w.state = "idle"
+        w.pool.start_failures = 0
+        self.log.info(
+            "worker spawned",
+            export=w.pool.config.name,
+            worker=w.index,
+            worker_pid=w.pid,
+            generation=w.generation,
+        )
+        if w.generation < self.generation and w.state == "idle":
+            self._retire(w)
+        self._dispatch(w.pool)
+
+    def _worker_finished(self, w: Worker, message: dict[str, Any]) -> None:
+        conn = w.conn
+        w.conn = None
+        w.requests += message.get("requests", 0)
+        if conn is None or conn.id != message.get("conn"):
+            self.log.error(
+                "worker reported an unknown connection", worker_pid=w.pid, message=message
+            )
+            return
+        conn.requests += message.get("requests", 0)
+        conn.errors += message.get("errors", 0)
+        if message["op"] == "released":  # at a request boundary, for a reload or a stop
+            self._forget_channel(w)
+            w.state = "retiring"
+            if self.stop_deadline is not None or conn.export not in self.pools:
+                self._close_connection(conn, "daemon stopping")
+            else:
+                self.pools[conn.export].pending.appendleft(conn)
+                self._dispatch(self.pools[conn.export])
+            return
+        retiring = w.state == "retiring" or w.generation < self.generation
+        w.state = "idle"
+        if retiring:
+            self._retire(w)
+        self._close_connection(conn, message.get("reason", "done"))  # may begin a stop
+        self._dispatch(w.pool)
+
+    # --- deaths ------------------------------------------------------------------------------
+
+    def _worker_exited(self, w: Worker, status: int) -> None:
+        pool = w.pool
+        pool.workers.pop(w.pid, None)
+        self._forget_channel(w)
+        how = _describe_exit(status)
+        expected = w.state == "retiring" or self.stop_deadline is not None
+        if w.state == "starting":
+            self._start_failed(w, status, how)
+        elif expected:
+            self.log.info(
+                "worker exited", export=pool.config.name, worker=w.index, worker_pid=w.pid, **how
+            )
+        else:
+            self.counters["worker_deaths"] += 1
+            self.log.warning(
+                "worker died",
+                export=pool.config.name,
+                worker=w.index,
+                worker_pid=w.pid,
+                conn=w.conn.id if w.conn else None,
+                **how,
+            )
+        if w.conn is not None:
+            w.conn.requests += w.journal.fields[slot.SEQ]  # what the dead worker had served
+            self._recover(w, w.conn)
+        w.journal.close()
+        if pool.config.name in self.pools:
+            self._dispatch(pool)
+
+    def _start_failed(self, w: Worker, status: int, how: dict[str, Any]) -> None:
+        pool = w.pool
+        pool.start_failures += 1
+        delay = min(0.1 * 2 ** (pool.start_failures - 1), BACKOFF_MAX)
+        pool.next_start = time.monotonic() + delay
+        self.log.warning(
+            "worker failed to start",
+            export=pool.config.name,
+            worker_pid=w.pid,
+            failures=pool.start_failures,
+            retry_in_s=round(delay, 2),
+            **how,
+        )
+        never = os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_EXPORT
+        if never and pool.start_failures >= START_FAILURES_FATAL and self.stop_deadline is None:
+            self.log.error(
+                "export cannot be served, giving up",
+                export=pool.config.name,
+                path=pool.config.path,
+                failures=pool.start_failures,
+            )
+            self.exit_code = EXIT_EXPORT
+            self._begin_stop("export cannot be served")
+
+    def _recover(self, w: Worker, conn: Connection) -> None:
+        """Decide, from the dead worker's journal, what the guest is owed; then hand the
+        connection to a fresh worker, or close it where that is the only safe answer."""
+        now = time.monotonic()
+        conn.deaths = [t for t in conn.deaths if now - t < POISON_WINDOW] + [now]
+        if self.stop_deadline is not None:
+            self._close_connection(conn, "daemon stopping")
+            return
+        if len(conn.deaths) >= POISON_DEATHS:
+            self.counters["poison_closed"] += 1
+            self.log.warning(
+                "poison connection closed",
+                export=conn.export,
+                conn=conn.id,
+                deaths=len(conn.deaths),
+                window_s=POISON_WINDOW,
+            )
+            self._close_connection(conn, "poison")
+            return
+        journal = w.journal
+        phase, have = journal.fields[slot.PHASE], journal.fields[slot.HAVE]
+        code, size = p.HEADER.unpack_from(journal.request)
+        op = p.REQUESTS[code].name if code in p.REQUESTS else None
+        if phase == slot.IDLE or (
+            phase == slot.RECEIVING and have == 0 and not journal.header_consumed()
+        ):
+            outcome = "nothing was in flight"
+        elif phase == slot.RECEIVING and have > 0:
+            conn.prefix = bytes(journal.request[:have])
+            outcome = "partly received request handed on"
+        elif phase == slot.EXECUTING:
+            if not self._answer_eio(conn, code):
+                self._uncertain(conn, op, "could not send the EIO reply")
+                return
+            outcome = "answered EIO"
+        elif phase == slot.REPLY_READY and (
+            _queued(conn.sock, SIOCOUTQ) > 0 or _queued(conn.sock, SIOCINQ) > 0
+        ):
+            outcome = "reply had been sent"
+        else:
+            # Died sending a reply that is neither queued nor followed by a new request,
+            # or between receiving bytes and recording them: we cannot tell what the
+            # guest has seen, and a wrong guess would desynchronise its stream.
+            self._uncertain(conn, op, f"phase {phase}")
+            return
+        self.counters["recoveries"] += 1
+        self.log.warning("crash recovery", export=conn.export, conn=conn.id, op=op, outcome=outcome)
+        pool = self.pools.get(conn.export)
+        if pool is None:
+            self._close_connection(conn, "export removed")
+            return
+        pool.pending.appendleft(conn)
+
+    def _uncertain(self, conn: Connection, op: str | None, detail: str) -> None:
+        self.counters["uncertain_closed"] += 1
+        self.log.warning(
+            "connection closed after a crash: reply state unknown",
+            export=conn.export,
+            conn=conn.id,
+            op=op,
+            detail=detail,
+        )
+        self._close_connection(conn, "crash, reply state unknown")
+
+    def _answer_eio(self, conn: Connection, code: int) -> bool:
+        if code not in p.REQUESTS:
+            return False
+        if p.REQUESTS[code].reply == p.FD:
+            reply = p.encode_fd_reply(-errno.EIO)
+        else:
+            reply = p.encode_error(errno.EIO)
+        try:
+            return conn.sock.send(reply, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL) == len(reply)
+        except OSError:
+            return False
+
+    def _watch_for_hang(self, w: Worker, now: float) -> None:
+        """A request executing longer than request_timeout: SIGABRT, then SIGKILL."""
+        fields = w.journal.fields
+        if fields[slot.PHASE] != slot.EXECUTING:
+            w.watch_seq = -1
+            return
+        seq = fields[slot.SEQ]
+        if seq != w.watch_seq:
+            w.watch_seq, w.watch_since = seq, now
+            return
+        if now - w.watch_since < self.config.request_timeout:
+            return
+        if w.aborted_at is None:
+            code, _ = p.HEADER.unpack_from(w.journal.request)
+            self.counters["hung_killed"] += 1
+            self.log.warning(
+                "request timed out, killing worker",
+                export=w.pool.config.name,
+                worker_pid=w.pid,
+                conn=w.conn.id if w.conn else None,
+                op=p.REQUESTS[code].name if code in p.REQUESTS else code,
+                timeout_s=self.config.request_timeout,
+            )
+            w.aborted_at = now
+            self._kill(w, signal.SIGABRT)
+        elif now - w.aborted_at > ABORT_GRACE:
+            self._kill(w, signal.SIGKILL)
+
+    # --- stopping ---------------------------------------------------------------------------
+
+    def _begin_stop(self, why: str) -> None:
+        if self.stop_deadline is not None:
+            return
+        self.stop_deadline = time.monotonic() + self.config.stop_timeout
+        self.log.info(
+            "stopping",
+            reason=why,
+            workers=len(self.workers),
+            connections=len(self.connections),
+            timeout_s=self.config.stop_timeout,
+        )
+        for pool in self.pools.values():
+            self._close_listener(pool)
+            while pool.pending:
+                self._close_connection(pool.pending.popleft(), "daemon stopping")
+        for w in list(self.workers.values()):
+            self._retire(w)
+
+    def _shutdown(self) -> None:
+        for w in list(self.workers.values()):
+            self.log.warning("killing worker still running at stop", worker_pid=w.pid)
+            self._kill(w, signal.SIGKILL)
+        for w in list(self.workers.values()):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(w.pid, 0)
+            self.workers.pop(w.pid)
+            if w.conn is not None:
+                self._close_connection(w.conn, "daemon stopped")
+        for conn in list(self.connections.values()):
+            self._close_connection(conn, "daemon stopped")
+        for pool in self.pools.values():
+            self._close_listener(pool)
+        self.log.info("stop", exit_code=self.exit_code, counters=dict(self.counters))

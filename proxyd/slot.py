@@ -1,0 +1,66 @@
+"""The in-flight journal a worker shares with its master, at no system-call cost.
+
+The master maps one anonymous shared page set per worker before the fork. The worker
+receives every request straight into the slot's request buffer and publishes, with
+plain memory stores, where it is in the request cycle. If the worker dies, the
+master reads the slot to decide what the guest is owed:
+
+    RECEIVING, nothing consumed      -> nothing: hand the connection on
+    RECEIVING, part of a request     -> hand the connection on with those bytes
+    EXECUTING                        -> the request may have run: answer -EIO
+    REPLY_READY (reply being sent)    -> look at the socket; if unsure, close
+
+Layout: a row of u32 fields, then the request buffer.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+from proxyd.protocol import BUFFER_SIZE, HEADER_SIZE
+
+# Phases.
+IDLE = 0  # no connection
+RECEIVING = 1  # waiting for (the rest of) a request; HAVE bytes of it in the buffer
+EXECUTING = 2  # the whole request is in the buffer and being executed
+REPLY_READY = 3  # the request ran; its reply is being sent
+
+# Field indexes (u32 each).
+PHASE = 0
+CONN = 1  # connection id being served
+HAVE = 2  # bytes of the current request in the request buffer
+SEQ = 3  # requests started on this connection (the master's hang detector watches it)
+COMMAND = 4  # master -> worker: RETIRE at the next request boundary
+FIELDS = 16
+
+NONE = 0
+RETIRE = 1
+
+_FIELDS_SIZE = FIELDS * 4
+SLOT_SIZE = _FIELDS_SIZE + BUFFER_SIZE
+
+_ZERO_HEADER = bytes(HEADER_SIZE)
+
+
+class Slot:
+    """One worker's shared journal; `fields` and `request` are live views of it."""
+
+    def __init__(self) -> None:
+        self._map = mmap.mmap(-1, SLOT_SIZE, mmap.MAP_SHARED)
+        view = memoryview(self._map)
+        self.fields = view[:_FIELDS_SIZE].cast("I")
+        self.request = view[_FIELDS_SIZE:SLOT_SIZE]
+
+    def reset(self) -> None:
+        for i in range(FIELDS):
+            self.fields[i] = 0
+        self.request[:HEADER_SIZE] = _ZERO_HEADER
+
+    def header_consumed(self) -> bool:
+        """Whether any byte of a request landed in the (cleared) header."""
+        return self.request[:HEADER_SIZE] != _ZERO_HEADER
+
+    def close(self) -> None:
+        self.fields.release()
+        self.request.release()
+        self._map.close()

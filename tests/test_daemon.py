@@ -1,0 +1,387 @@
+"""The long-running daemon: pools, many VMs per socket, allow-lists, read-only exports,
+crash recovery, hung requests, signals and reload, against a real proxyd."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import Daemon, title, wait_until, write_config
+from tests.proxyclient import (
+    CHECKOUT,
+    LSTAT,
+    ConnectionClosed,
+    ProxyClient,
+    decode_stat,
+    errno_of,
+    marshal,
+)
+
+
+def ok(reply) -> None:  # type: ignore[no-untyped-def]
+    assert reply.ok, f"expected success, got {os.strerror(errno_of(reply))}"
+
+
+def last_conn(daemon: Daemon) -> int:
+    return daemon.wait_event("connection accepted")[-1]["conn"]
+
+
+# --- pools -----------------------------------------------------------------------------
+
+
+def test_concurrent_clients_on_two_exports(tmp_path: Path) -> None:
+    exports = [{"name": "a", "max_workers": 8}, {"name": "b", "max_workers": 8}]
+    with Daemon(tmp_path, exports) as d:
+        clients = [d.connect("a") for _ in range(5)] + [d.connect("b") for _ in range(3)]
+        errors: list[str] = []
+
+        def work(i: int, client: ProxyClient) -> None:
+            try:
+                for j in range(50):
+                    name = f"/c{i}-{j}"
+                    ok(client.mkdir(0, 0, name, 0o755))
+                    ok(client.lstat(name))
+                    ok(client.remove(name))
+            except Exception as e:  # reported below, with the client
+                errors.append(f"client {i}: {e!r}")
+
+        threads = [threading.Thread(target=work, args=(i, c)) for i, c in enumerate(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        busy = [t for t in d.worker_titles().values() if " conn=" in t]
+        assert len(busy) == 8  # one worker per live connection
+        assert sum(" a#" in t for t in busy) == 5 and sum(" b#" in t for t in busy) == 3
+        for c in clients:
+            c.close()
+        d.wait_event("connection closed", count=8)
+        spawned = len(d.events("worker spawned"))
+        # Workers are reused: the next connections need no new process.
+        again = [d.connect("a") for _ in range(2)]
+        for c in again:
+            ok(c.lstat("/"))
+        assert len(d.events("worker spawned")) == spawned or len(d.workers()) <= 8
+
+
+def test_max_workers_bounds_the_pool(tmp_path: Path) -> None:
+    with Daemon(tmp_path, [{"name": "a", "min_idle": 1, "max_workers": 2}]) as d:
+        first, second = d.connect("a"), d.connect("a")
+        ok(first.lstat("/"))
+        ok(second.lstat("/"))
+        third = d.connect("a", timeout=0.5)
+        third.send_request(LSTAT, marshal("s", "/"))
+        with pytest.raises(TimeoutError):  # waits: no worker is free
+            third.recv_header_reply("data")
+        d.wait_event("pool exhausted", export="a")
+        assert len(d.workers()) == 2
+        first.close()
+        third.sock.settimeout(10)
+        ok(third.recv_header_reply("data"))  # served once a worker is free
+        assert len(d.workers()) <= 2
+
+
+def test_socket_path_recreated_for_the_next_vm(tmp_path: Path) -> None:
+    with Daemon(tmp_path, [{"name": "a"}]) as d:
+        path = d.exports["a"]["socket"]
+        clients = []
+        for _ in range(4):  # VM after VM on one socket path, all served at once
+            clients.append(d.connect("a"))  # unlinks the path, as QEMU does
+            t0 = time.monotonic()
+            wait_until(lambda: os.path.exists(path), 2.0, "the socket path to come back")
+            assert time.monotonic() - t0 < 1.0
+        for c in clients:
+            ok(c.lstat("/"))
+        st = os.lstat(path)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o770
+        assert d.events("export socket re-bound", export="a")
+
+
+def test_peers_outside_the_allow_list_are_refused(tmp_path: Path) -> None:
+    public = Path(tempfile.mkdtemp(prefix="proxyd-test-"))  # pytest's tmp is root-only
+    public.chmod(0o755)
+    exports = [
+        {"name": "a", "allow_uids": [4242], "socket_mode": "0777", "socket": str(public / "a")}
+    ]
+    with Daemon(tmp_path, exports) as d:
+        refused = d.connect("a", unlink=False)
+        with pytest.raises(ConnectionClosed):
+            refused.lstat("/")
+        event = d.wait_event("peer refused", export="a")[-1]
+        assert event["level"] == "warning" and event["peer_uid"] == 0
+        # The allowed uid is served (a child process that becomes uid 4242).
+        code = f"""
+import os, socket, sys
+sys.path.insert(0, {str(CHECKOUT)!r})
+from tests.proxyclient import ProxyClient
+os.setgid(4242); os.setuid(4242)
+s = socket.socket(socket.AF_UNIX); s.connect({d.exports["a"]["socket"]!r})
+sys.exit(0 if ProxyClient(s).lstat("/").ok else 1)
+"""
+        assert subprocess.run([sys.executable, "-c", code], timeout=20).returncode == 0
+
+
+def test_read_only_export(tmp_path: Path) -> None:
+    with Daemon(tmp_path, [{"name": "ro", "readonly": True}]) as d:
+        export = Path(d.exports["ro"]["path"])
+        (export / "f").write_text("content")
+        c = d.connect("ro")
+        ok(c.lstat("/f"))
+        reply = c.open("/f", os.O_RDONLY)
+        ok(reply)
+        assert os.read(reply.fd, 100) == b"content"
+        os.close(reply.fd)
+        for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_RDONLY | os.O_APPEND):
+            assert errno_of(c.open("/f", flags)) == errno.EROFS
+        refusals = [
+            c.create("/new", os.O_CREAT | os.O_WRONLY, 0o644, 0, 0),
+            c.mkdir(0, 0, "/d", 0o755),
+            c.mknod(0, 0, "/n", stat.S_IFREG | 0o644, 0),
+            c.symlink(0, 0, "f", "/l"),
+            c.link("/f", "/h"),
+            c.chmod("/f", 0o600),
+            c.chown("/f", 1, 1),
+            c.truncate("/f", 0),
+            c.utime("/f", 0, 0, 0, 0),
+            c.rename("/f", "/g"),
+            c.remove("/f"),
+            c.lsetxattr("/f", "user.a", b"v"),
+            c.lremovexattr("/f", "user.a"),
+        ]
+        assert [errno_of(r) for r in refusals] == [errno.EROFS] * len(refusals)
+        assert sorted(os.listdir(export)) == ["f"] and (export / "f").read_text() == "content"
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("daemon", "export", "message", "code"),
+    [
+        ({"audit": "some"}, {}, "daemon.audit: 'some' is not one of", 2),
+        ({"stop_timeout": "5"}, {}, "daemon.stop_timeout: expected", 2),
+        ({"bogus": 1}, {}, "daemon: unknown key 'bogus'", 2),
+        ({}, {"min_idle": 5, "max_workers": 2}, "min_idle: 5 is more than max_workers 2", 2),
+        ({}, {"socket_mode": "0999"}, "socket_mode: '0999' is not an octal mode", 2),
+        ({}, {"allow_uids": ["root"]}, "allow_uids: 'root' is not a valid id", 2),
+        ({}, {"readonly": "yes"}, "readonly: expected true or false", 2),
+        ({}, {"sockt": "/x"}, "unknown key 'sockt'", 2),
+        ({}, {"path": "/nonexistent/export"}, "export 'a'.path '/nonexistent/export'", 3),
+    ],
+)
+def test_invalid_configuration_names_the_key(
+    tmp_path: Path, daemon: dict, export: dict, message: str, code: int
+) -> None:
+    (tmp_path / "a").mkdir()
+    table = {"name": "a", "path": str(tmp_path / "a"), "socket": str(tmp_path / "a.sock")}
+    config = write_config(tmp_path / "bad.toml", daemon, [{**table, **export}])
+    result = subprocess.run(
+        [sys.executable, "-m", "proxyd", "-n", "--config", str(config)],
+        cwd=CHECKOUT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == code, result.stderr
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+# --- crashes ----------------------------------------------------------------------------------
+
+
+def test_killed_idle_worker_costs_the_guest_nothing(tmp_path: Path) -> None:
+    with Daemon(tmp_path, [{"name": "a"}]) as d:
+        c = d.connect("a")
+        ok(c.mkdir(0, 0, "/d", 0o755))
+        victim = d.serving_worker(last_conn(d))
+        os.kill(victim, signal.SIGKILL)
+        d.wait_event("crash recovery", outcome="nothing was in flight")
+        ok(c.lstat("/d"))  # no error at all: the connection moved to a fresh worker
+        assert victim not in d.workers()
+        assert d.events("worker died", signal="SIGKILL")
+
+
+def test_worker_killed_mid_request_hands_the_received_part_on(tmp_path: Path) -> None:
+    with Daemon(tmp_path, [{"name": "a"}]) as d:
+        (Path(d.exports["a"]["path"]) / "file").write_text("x")
+        c = d.connect("a")
+        ok(c.lstat("/"))
+        victim = d.serving_worker(last_conn(d))
+        request = struct.pack("=II", LSTAT, 7) + marshal("s", "/file")
+        c.send_raw(request[:10])  # half a request: the worker has consumed it
+        time.sleep(0.2)
+        os.kill(victim, signal.SIGKILL)
+        d.wait_event("crash recovery", outcome="partly received request handed on")
+        c.send_raw(request[10:])
+        reply = c.recv_header_reply("data")
+        ok(reply)  # the request completed as if nothing happened
+        assert decode_stat(reply.data)["size"] == 1  # it was the LSTAT of "file"
+
+
+def test_hung_request_is_killed_and_answered_eio(tmp_path: Path) -> None:
+    with Daemon(tmp_path, [{"name": "a"}], request_timeout=1.0) as d:
+        host_file = Path(d.exports["a"]["path"]) / "leased"
+        host_file.write_text("data")
+        c = d.connect("a")
+        ok(c.lstat("/leased"))
+        # A read lease held by this process makes truncate() in the worker block until
+        # the lease is released: a request that hangs in the kernel.
+        old = signal.signal(signal.SIGIO, signal.SIG_IGN)  # the lease-break notice
+        fd = os.open(host_file, os.O_RDONLY)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+            started = time.monotonic()
+            reply = c.truncate("/leased", 0)
+            assert errno_of(reply) == errno.EIO
+            assert time.monotonic() - started < 8
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+            os.close(fd)
+            signal.signal(signal.SIGIO, old)
+        d.wait_event("request timed out, killing worker", op="truncate")
+        d.wait_event("crash recovery", outcome="answered EIO", op="truncate")
+        ok(c.lstat("/leased"))  # the guest keeps its mount
+
+
+def test_poison_connection_is_closed(tmp_path: Path) -> None:
+    with Daemon(tmp_path, [{"name": "a", "min_idle": 2}]) as d:
+        c = d.connect("a")
+        conn = None
+        for _ in range(3):
+            ok(c.lstat("/"))
+            conn = conn or last_conn(d)
+            os.kill(d.serving_worker(conn), signal.SIGKILL)
+            time.sleep(0.3)
+        d.wait_event("poison connection closed", conn=conn)
+        with pytest.raises((ConnectionClosed, BrokenPipeError)):
+            c.lstat("/")
+
+
+def test_export_that_can_never_serve_exits_3(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, [{"name": "a", "min_idle": 0}])
+    try:
+        d.wait_event("export bound", export="a")
+        os.rmdir(d.exports["a"]["path"])  # gone after validation: chroot will fail
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(d.exports["a"]["socket"])
+        assert d.proc.wait(30) == 3
+        d.wait_event("export cannot be served, giving up", export="a")
+        assert len(d.events("worker failed to start")) == 5
+        sock.close()
+    finally:
+        d.stop()
+
+
+# --- signals -------------------------------------------------------------------------------------
+
+
+def test_sigterm_stops_gracefully_and_removes_sockets(tmp_path: Path) -> None:
+    with Daemon(tmp_path, [{"name": "a"}, {"name": "b"}]) as d:
+        c = d.connect("a")
+        ok(c.lstat("/"))
+        started = time.monotonic()
+        d.signal(signal.SIGTERM)
+        assert d.proc.wait(10) == 0
+        assert time.monotonic() - started < d.daemon_settings["stop_timeout"] + 1
+        assert not os.path.exists(d.exports["a"]["socket"])
+        assert not os.path.exists(d.exports["b"]["socket"])
+        with pytest.raises((ConnectionClosed, BrokenPipeError)):
+            c.lstat("/")
+        assert d.events("stop", exit_code=0)
+
+
+def test_sigquit_stops_now(tmp_path: Path) -> None:
+    with Daemon(tmp_path, [{"name": "a", "min_idle": 3, "max_workers": 3}]) as d:
+        workers = d.workers()
+        d.signal(signal.SIGQUIT)
+        assert d.proc.wait(5) == 0
+        for pid in workers:
+            wait_until(lambda pid=pid: not title(pid).startswith("proxyd"), 5, "workers gone")
+
+
+def test_ttin_ttou_change_the_spare_workers(tmp_path: Path) -> None:
+    with Daemon(tmp_path, [{"name": "a", "min_idle": 1, "max_workers": 4}]) as d:
+        assert len(d.workers()) == 1
+        d.signal(signal.SIGTTIN)
+        wait_until(lambda: len(d.workers()) == 2, what="a second spare worker")
+        d.signal(signal.SIGTTOU)  # one at a time: signals of one kind do not queue
+        wait_until(lambda: len(d.workers()) == 1, what="one spare worker")
+        d.signal(signal.SIGTTOU)
+        wait_until(lambda: len(d.workers()) == 0, what="no spare worker")
+
+
+def test_reload_under_load_is_invisible_to_clients(tmp_path: Path) -> None:
+    with Daemon(tmp_path, [{"name": "a", "max_workers": 8}]) as d:
+        clients = [d.connect("a") for _ in range(4)]
+        for c in clients:
+            ok(c.lstat("/"))
+        before = set(d.workers())
+        stop = threading.Event()
+        errors: list[str] = []
+        counts = [0] * len(clients)
+
+        def work(i: int, client: ProxyClient) -> None:
+            try:
+                while not stop.is_set():
+                    name = f"/r{i}-{counts[i]}"
+                    ok(client.mkdir(0, 0, name, 0o700))
+                    ok(client.remove(name))
+                    counts[i] += 1
+            except Exception as e:
+                errors.append(f"client {i} after {counts[i]} rounds: {e!r}")
+
+        threads = [threading.Thread(target=work, args=(i, c)) for i, c in enumerate(clients)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        d.signal(signal.SIGHUP)
+        d.wait_event("reload applied", generation=1)
+        time.sleep(1.5)
+        d.signal(signal.SIGHUP)
+        d.wait_event("reload applied", generation=2)
+        time.sleep(1.5)
+        stop.set()
+        for t in threads:
+            t.join(10)
+        assert not errors, errors
+        assert all(n > 10 for n in counts), counts
+        after = d.worker_titles()
+        assert not before & set(after), "every worker was replaced"
+        assert sum(" conn=" in t for t in after.values()) == 4, after
+
+
+def test_reload_adds_removes_and_refuses(tmp_path: Path) -> None:
+    with Daemon(tmp_path, [{"name": "a"}]) as d:
+        b_path, b_sock = tmp_path / "b", tmp_path / "b.sock"
+        b_path.mkdir()
+        a = d.exports["a"]
+        write_config(
+            d.config, d.daemon_settings, [{"name": "b", "path": str(b_path), "socket": str(b_sock)}]
+        )
+        d.signal(signal.SIGHUP)
+        d.wait_event("reload applied", added=["b"], removed=["a"])
+        wait_until(lambda: b_sock.exists(), what="the new export's socket")
+        assert not os.path.exists(a["socket"])
+        client = ProxyClient(socket.socket(socket.AF_UNIX))
+        client.sock.connect(str(b_sock))
+        ok(client.lstat("/"))
+        d.config.write_text("[daemon]\naudit = 'sometimes'\n")
+        d.signal(signal.SIGHUP)
+        refused = d.wait_event("reload refused")[-1]
+        assert "daemon.audit" in refused["error"]
+        ok(client.lstat("/"))  # the old configuration keeps running
+        assert b_sock.exists()
