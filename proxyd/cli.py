@@ -44,9 +44,17 @@ def serve(config: Config) -> int:
         for done in bound.values():
             done.close()
         raise
+    log_fd = 2
+    if config.log_file is not None:
+        try:
+            log_fd = log.open_file(config.log_file)
+        except OSError as e:
+            raise ConfigError(f"log file '{config.log_file}': {e.strerror}") from None
     if config.daemonize:
         daemonize()
-    log.configure(config.log_format, config.log_level, to_syslog=config.daemonize)
+    # Daemonized without a log file: syslog, as the reference helper does.
+    to_syslog = config.daemonize and config.log_file is None
+    log.configure(config.log_format, config.log_level, to_syslog=to_syslog, fd=log_fd)
     for path in stale:
         log.get(role="master").info("stale socket replaced", socket=path)
     return Master(config, bound).run()

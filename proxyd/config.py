@@ -60,6 +60,7 @@ class Config:
     control_socket: str | None = None
     log_format: str = "json"
     log_level: str = "info"
+    log_file: str | None = None  # None: stderr (or syslog when daemonized)
     audit: str = "mutations"
     stop_timeout: float = 5.0
     request_timeout: float = 30.0
@@ -97,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--log-format", choices=FORMATS, help="log line format (default json)")
     ap.add_argument("--log-level", choices=LEVELS, help="lowest level logged (default info)")
+    ap.add_argument("--log-file", help="append log lines to this file (reopened on SIGUSR1)")
+    ap.add_argument("--audit", choices=AUDIT_LEVELS, help="requests logged (default mutations)")
     ap.add_argument("-V", "--version", action="version", version=f"proxyd {__version__}")
     return ap
 
@@ -176,6 +179,7 @@ _DAEMON_KEYS = {
     "control_socket",
     "log_format",
     "log_level",
+    "log_file",
     "audit",
     "stop_timeout",
     "request_timeout",
@@ -312,6 +316,7 @@ def load_file(path: str) -> Config:
     log_level = _typed(daemon, "log_level", "daemon", str, "info")
     if log_level not in LEVELS:
         raise ConfigError(f"daemon.log_level: '{log_level}' is not one of {', '.join(LEVELS)}")
+    log_file = _typed(daemon, "log_file", "daemon", str, None)
     audit = _typed(daemon, "audit", "daemon", str, "mutations")
     if audit not in AUDIT_LEVELS:
         raise ConfigError(f"daemon.audit: '{audit}' is not one of {', '.join(AUDIT_LEVELS)}")
@@ -345,6 +350,7 @@ def load_file(path: str) -> Config:
         control_socket=_check_socket_path(control, "daemon.control_socket") if control else None,
         log_format=log_format,
         log_level=log_level,
+        log_file=os.path.abspath(log_file) if log_file else None,
         audit=audit,
         stop_timeout=float(stop_timeout),
         request_timeout=float(request_timeout),
@@ -379,4 +385,8 @@ def parse_args(argv: list[str]) -> Config:
         overrides["log_format"] = args.log_format
     if args.log_level:
         overrides["log_level"] = args.log_level
+    if args.log_file:
+        overrides["log_file"] = os.path.abspath(args.log_file)
+    if args.audit:
+        overrides["audit"] = args.audit
     return replace(config, **overrides)

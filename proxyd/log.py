@@ -1,33 +1,83 @@
-"""Logging set-up: structlog, one line per event, JSON by default.
+"""Logging for every proxyd process: structlog, one event per line, JSON by default.
 
-Every line is written with a single write(2) so that lines from several processes
-sharing stderr never interleave. In daemon mode (no -n) lines go to syslog instead,
-as the reference helper's do.
+* Each line is written with one write(2) and is never longer than PIPE_BUF, so lines
+  from the master and its workers sharing stderr (a pipe to supervisord) or a log
+  file (O_APPEND) never interleave. An event that would be longer has its longest
+  strings cut, and says which in its `truncated` field.
+* Levels below the configured one cost one method call (structlog's filtering
+  bound logger).
+* Destinations: stderr (default), a file (`log_file`; reopened on SIGUSR1, workers
+  get the new descriptor from the master since they cannot open it from their
+  chroot), or syslog when daemonized without a file (connected before the chroot).
+
+The audit event (`event="op"`) is built here too, so that its schema lives in one
+place; docs/events.md documents every event and field.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import logging
 import os
+import select
 import syslog
 from typing import Any
 
+import orjson
 import structlog
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 FORMATS = ("json", "console")
+LINE_MAX = select.PIPE_BUF  # 4096 on Linux: the largest write a pipe keeps whole
+_SHORTEST_CUT = 64  # never cut a string below this many characters
+
+
+def _serialize(event: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(event, default=str)
+    except TypeError:  # a str with lone surrogates: plain json escapes them
+        return json.dumps(event, default=str).encode()
+
+
+def _render_console(event: dict[str, Any]) -> bytes:
+    head = [str(event.pop(k, "")) for k in ("timestamp", "level", "event")]
+    body = " ".join(f"{k}={v!r}" for k, v in event.items())
+    return f"{head[0]} {head[1]:<7} {head[2]:<24} {body}".encode("utf-8", "backslashreplace")
+
+
+def _fit(event: dict[str, Any], render: Any) -> bytes:
+    """Render, cutting the longest strings until the line fits in LINE_MAX bytes."""
+    line = render(dict(event))
+    if len(line) < LINE_MAX:
+        return line
+    cut: list[str] = []
+    while len(line) >= LINE_MAX:
+        strings = [(len(v), k) for k, v in event.items() if isinstance(v, str)]
+        if not strings:
+            break
+        length, key = max(strings)
+        if length <= _SHORTEST_CUT:
+            break
+        excess = len(line) - LINE_MAX + 64
+        event[key] = event[key][: max(_SHORTEST_CUT, length - excess)] + "…"
+        if key not in cut:
+            cut.append(key)
+        event["truncated"] = cut
+        line = render(dict(event))
+    return line[: LINE_MAX - 1]
 
 
 class _FdWriter:
-    """A structlog logger that writes each rendered line with one os.write."""
+    """A structlog logger: each event is one os.write of one line."""
 
-    def __init__(self, fd: int = 2) -> None:
-        self._fd = fd
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
 
-    def msg(self, message: str) -> None:
-        with contextlib.suppress(OSError):  # a closed stderr must not stop the server
-            os.write(self._fd, (message + "\n").encode("utf-8", "backslashreplace"))
+    def msg(self, line: bytes) -> None:
+        with contextlib.suppress(OSError):  # a closed log must never stop the server
+            os.write(self.fd, line + b"\n")
 
     debug = info = warning = error = critical = exception = msg
 
@@ -36,8 +86,8 @@ class _SyslogWriter:
     """A structlog logger for daemon mode: one syslog(3) message per event."""
 
     def _at(priority: int):  # type: ignore[misc]
-        def write(self: _SyslogWriter, message: str) -> None:
-            syslog.syslog(priority, message)
+        def write(self: _SyslogWriter, line: bytes) -> None:
+            syslog.syslog(priority, line.decode("utf-8", "backslashreplace"))
 
         return write
 
@@ -49,32 +99,100 @@ class _SyslogWriter:
     del _at
 
 
-def configure(fmt: str = "json", level: str = "info", *, to_syslog: bool = False) -> None:
-    """Set up structlog for this process (call again in a child after fork)."""
+_writer: Any = _FdWriter(2)
+
+
+def configure(
+    fmt: str = "json", level: str = "info", *, to_syslog: bool = False, fd: int = 2
+) -> None:
+    """Set up structlog for this process (again in each worker after the fork).
+
+    Lines go to `fd` (stderr by default, or a log file), or to syslog.
+    """
+    global _writer
     if to_syslog:
         # Connect now (LOG_NDELAY): once chrooted, /dev/log is out of reach.
         syslog.openlog("proxyd", syslog.LOG_PID | syslog.LOG_NDELAY, syslog.LOG_DAEMON)
-        writer: Any = _SyslogWriter()
+        _writer = _SyslogWriter()
     else:
-        writer = _FdWriter(2)
-    if fmt == "console":
-        renderer: Any = structlog.processors.KeyValueRenderer(
-            key_order=["timestamp", "level", "event"], drop_missing=True
-        )
-    else:
-        renderer = structlog.processors.JSONRenderer()
+        _writer = _FdWriter(fd)
+    render = _render_console if fmt == "console" else _serialize
     processors: list[Any] = [structlog.processors.add_log_level]
     if not to_syslog:  # syslog stamps its own time
         processors.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
-    processors += [structlog.processors.format_exc_info, renderer]
+    processors += [
+        structlog.processors.format_exc_info,
+        lambda _logger, _name, event: _fit(event, render),
+    ]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=lambda *args: writer,
+        logger_factory=lambda *args: _writer,
         cache_logger_on_first_use=False,
     )
+
+
+def uses_syslog() -> bool:
+    return isinstance(_writer, _SyslogWriter)
+
+
+def current_fd() -> int:
+    """The descriptor lines are written to (2 for stderr, or the log file's)."""
+    return _writer.fd if isinstance(_writer, _FdWriter) else 2
+
+
+def open_file(path: str) -> int:
+    """Open (or create) the log file for appending: one write per line stays atomic."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
 
 
 def get(**context: Any) -> Any:
     """A logger with `context` bound to every event, and this process's pid."""
     return structlog.get_logger().bind(pid=os.getpid(), **context)
+
+
+# --- the audit event ------------------------------------------------------------------
+
+
+def printable(value: bytes) -> str:
+    """A guest path as text: UTF-8 where it is, backslash escapes for other bytes."""
+    return value.decode("utf-8", "backslashreplace")
+
+
+def result_name(err: int) -> str:
+    return "ok" if err == 0 else errno.errorcode.get(err, str(err))
+
+
+# Composite flags first (O_SYNC holds O_DSYNC, O_TMPFILE holds O_DIRECTORY).
+_OPEN_FLAG_NAMES = (
+    "O_TMPFILE",
+    "O_SYNC",
+    "O_CREAT",
+    "O_EXCL",
+    "O_NOCTTY",
+    "O_TRUNC",
+    "O_APPEND",
+    "O_NONBLOCK",
+    "O_DSYNC",
+    "O_DIRECT",
+    "O_DIRECTORY",
+    "O_NOFOLLOW",
+    "O_NOATIME",
+    "O_CLOEXEC",
+    "O_PATH",
+)
+_OPEN_FLAGS = [(getattr(os, name), name) for name in _OPEN_FLAG_NAMES]
+_OPEN_FLAGS.append((os.O_LARGEFILE or 0o100000, "O_LARGEFILE"))  # the kernel's, as QEMU sends it
+
+
+def open_flags(flags: int) -> str:
+    """Symbolic open flags, e.g. "O_WRONLY|O_CREAT|O_TRUNC"."""
+    names = [("O_RDONLY", "O_WRONLY", "O_RDWR", "O_ACCMODE")[flags & os.O_ACCMODE]]
+    rest = flags & ~os.O_ACCMODE
+    for bit, name in _OPEN_FLAGS:
+        if bit and rest & bit == bit:
+            names.append(name)
+            rest &= ~bit
+    if rest:
+        names.append(hex(rest))
+    return "|".join(names)

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import selectors
 import signal
@@ -50,6 +51,7 @@ HANDLED_SIGNALS = (
     signal.SIGQUIT,
     signal.SIGTTIN,
     signal.SIGTTOU,
+    signal.SIGUSR1,
 )
 
 
@@ -129,6 +131,14 @@ def _queued(sock: socket.socket, request: int) -> int:
     return int.from_bytes(buf, sys.byteorder)
 
 
+def _digest(config: Config) -> str:
+    """A short fingerprint of the configuration in force, for the log."""
+    if config.path is not None:
+        with contextlib.suppress(OSError), open(config.path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    return hashlib.sha256(repr(config).encode()).hexdigest()[:16]
+
+
 def _describe_exit(status: int) -> dict[str, Any]:
     if os.WIFSIGNALED(status):
         return {"signal": signal.Signals(os.WTERMSIG(status)).name}
@@ -165,7 +175,9 @@ class Master:
             "start",
             version=__version__,
             source=self.config.source,
+            config_digest=_digest(self.config),
             exports=[e.name for e in self.config.exports],
+            audit=self.config.audit,
         )
         for export in self.config.exports:
             self._add_pool(export)
@@ -217,6 +229,7 @@ class Master:
                 signal.SIGQUIT: self.handle_quit,
                 signal.SIGTTIN: self.handle_ttin,
                 signal.SIGTTOU: self.handle_ttou,
+                signal.SIGUSR1: self.handle_usr1,
             }.get(signum)
             if method is not None:
                 method()
@@ -262,9 +275,14 @@ class Master:
             return
         old_names = set(self.pools)
         new_names = {e.name for e in new.exports}
+        log_file_changed = new.log_file != self.config.log_file
         self.config = new
-        log.configure(new.log_format, new.log_level, to_syslog=new.daemonize)
+        log.configure(
+            new.log_format, new.log_level, to_syslog=log.uses_syslog(), fd=log.current_fd()
+        )
         self.log = log.get(role="master")
+        if log_file_changed:
+            self._reopen_log()
         self.generation += 1
         for name in old_names - new_names:
             self._remove_pool(self.pools[name])
@@ -291,6 +309,7 @@ class Master:
         self.log.info(
             "reload applied",
             generation=self.generation,
+            config_digest=_digest(new),
             added=sorted(new_names - old_names),
             removed=sorted(old_names - new_names),
             exports=sorted(new_names),
@@ -305,6 +324,35 @@ class Master:
         for pool in self.pools.values():
             pool.min_idle = max(pool.min_idle - 1, 0)
         self.log.info("spare workers", min_idle={n: p.min_idle for n, p in self.pools.items()})
+
+    def handle_usr1(self) -> None:
+        """Reopen the log file (after logrotate moved it) here and in every worker."""
+        self._reopen_log()
+
+    def _reopen_log(self) -> None:
+        path = self.config.log_file
+        if path is None:
+            self.log.info("log reopen skipped", reason="not logging to a file")
+            return
+        try:
+            fd = log.open_file(path)
+        except OSError as e:
+            self.log.error("cannot reopen log file", log_file=path, error=e.strerror)
+            return
+        if log.uses_syslog() or log.current_fd() == 2:
+            log.configure(self.config.log_format, self.config.log_level, fd=fd)
+        else:
+            os.dup2(fd, log.current_fd())  # same number: workers forked later inherit it
+            os.close(fd)
+        for w in self.workers.values():
+            if w.control.fileno() < 0:
+                continue
+            with contextlib.suppress(OSError):
+                channel.send(w.control, {"op": "log"}, log.current_fd())
+            # Then tell a busy worker to look at its channel (after the send, so it finds it).
+            w.journal.fields[slot.LOG_EPOCH] += 1
+        self.counters["log_reopens"] += 1
+        self.log.info("log reopened", log_file=path, workers=len(self.workers))
 
     def _reread(self) -> Config:
         if self.config.path is None:
@@ -435,7 +483,7 @@ class Master:
             pass
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self.counters["refused_no_fds"] += 1
-        self.log.error("connection refused: out of file descriptors")
+        self.log.error("connection refused", reason="out of file descriptors")
 
     def _admit(self, pool: Pool, sock: socket.socket) -> None:
         pid, uid, gid = _peer(sock)
@@ -445,7 +493,7 @@ class Master:
         ):
             self.counters["refused_peers"] += 1
             self.log.warning(
-                "peer refused",
+                "connection refused",
                 export=export.name,
                 peer_pid=pid,
                 peer_uid=uid,
@@ -479,6 +527,9 @@ class Master:
             "connection closed",
             export=conn.export,
             conn=conn.id,
+            peer_pid=conn.peer_pid,
+            peer_uid=conn.peer_uid,
+            peer_gid=conn.peer_gid,
             reason=reason,
             requests=conn.requests,
             errors=conn.errors,
@@ -505,7 +556,8 @@ class Master:
             if not self._spawn(pool):
                 break
             spare += 1
-        if pool.pending and pool.live() >= pool.config.max_workers:
+        # Exhausted: connections wait that no starting or idle worker will take.
+        if len(pool.pending) > spare and pool.live() >= pool.config.max_workers:
             if not pool.exhausted:
                 pool.exhausted = True
                 self.counters["pool_exhausted"] += 1
@@ -739,7 +791,14 @@ class Master:
             self._recover(w, w.conn)
         w.journal.close()
         if pool.config.name in self.pools:
+            before = set(pool.workers)
             self._dispatch(pool)
+            if not expected and w.state != "starting":
+                for pid in set(pool.workers) - before:
+                    self.log.info(
+                        "worker replaced", export=pool.config.name, old_pid=w.pid, worker_pid=pid
+                    )
+                    break
 
     def _start_failed(self, w: Worker, status: int, how: dict[str, Any]) -> None:
         pool = w.pool

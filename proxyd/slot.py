@@ -31,6 +31,7 @@ CONN = 1  # connection id being served
 HAVE = 2  # bytes of the current request in the request buffer
 SEQ = 3  # requests started on this connection (the master's hang detector watches it)
 COMMAND = 4  # master -> worker: RETIRE at the next request boundary
+LOG_EPOCH = 5  # master -> worker: bumped when a reopened log file waits on the channel
 FIELDS = 16
 
 NONE = 0

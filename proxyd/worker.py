@@ -131,15 +131,31 @@ class Server:
     The request buffer and the in-flight fields live in a Slot shared with the
     master (a private one when there is no master), so that a crash at any point
     leaves the master enough to answer the guest or hand the connection on.
+    `on_command` is called at a request boundary when the master has set a command
+    or a new log epoch in the slot; it may raise _Released.
     """
 
     def __init__(
-        self, ops: ExportOps, log: Any, slot: Slot | None = None, request_timeout: float = 30.0
+        self,
+        ops: ExportOps,
+        log: Any,
+        slot_: Slot | None = None,
+        request_timeout: float = 30.0,
+        audit: str = "none",
+        readonly: bool = False,
+        on_command: Callable[[], None] | None = None,
+        on_log_reopen: Callable[[], None] | None = None,
     ) -> None:
         self._handlers = request_handlers(ops)
         self._log = log
-        self._slot = slot if slot is not None else Slot()
+        self._slot = slot_ if slot_ is not None else Slot()
         self._stall_wakeups = max(1, round(request_timeout / WAKE_INTERVAL))
+        self._audited = audited_codes(audit)
+        self._readonly = readonly
+        self._on_command = on_command or (lambda: None)
+        self._on_log_reopen = on_log_reopen or (lambda: None)
+        self._refusal: str | None = None
+        self.log_epoch = 0
 
     def set_log(self, log: Any) -> None:
         """The logger of the next connection (bound to its id and peer)."""
@@ -149,10 +165,9 @@ class Server:
         """Answer requests on `sock` until EOF, a fatal protocol error or a release.
 
         The slot may already hold the start of a request (handed on by the master
-        from a worker that died while receiving it).
+        from a worker that died while receiving it). The master logs the closing.
         """
         stats = ConnectionStats()
-        started = time.monotonic()
         sock.setsockopt(_SOL_SOCKET, socket.SO_RCVTIMEO, _WAKE_TIMEVAL)
         try:
             self._loop(sock, stats)
@@ -160,26 +175,21 @@ class Server:
             stats.reason = "released"
         except _Stalled:
             stats.reason = "stalled"
-            self._log.warning(
-                "peer stalled mid-request, closing connection", have=self._slot.fields[slot.HAVE]
-            )
+            self._log.warning("peer stalled mid-request", have=self._slot.fields[slot.HAVE])
         except p.FatalProtocolError as e:
-            stats.reason, stats.protocol_error = "protocol-error", str(e)
-            self._log.warning("protocol error, closing connection", error=str(e))
+            stats.reason, stats.protocol_error = "protocol error", str(e)
+            self._log.warning("protocol error", error=str(e))
         except (ConnectionResetError, BrokenPipeError) as e:
-            stats.reason = f"peer-gone: {e.strerror}"
+            stats.reason = f"peer gone: {e.strerror}"
         except OSError as e:
-            stats.reason = f"socket-error: {e.strerror}"
+            stats.reason = f"socket error: {e.strerror}"
         self._slot.fields[slot.PHASE] = slot.IDLE
-        if stats.reason != "released":
-            self._log.info(
-                "connection closed",
-                reason=stats.reason,
-                requests=stats.requests,
-                errors=stats.errors,
-                duration_s=round(time.monotonic() - started, 3),
-            )
         return stats
+
+    def _at_boundary(self) -> None:
+        fields = self._slot.fields
+        if fields[slot.COMMAND] or fields[slot.LOG_EPOCH] != self.log_epoch:
+            self._on_command()
 
     def _receive(self, sock: socket.socket, have: int, need: int) -> int:
         """Read until `need` bytes are in the buffer; 0 at EOF (or EOF mid-request)."""
@@ -190,8 +200,7 @@ class Server:
                 n = sock.recv_into(buf[have:])
             except BlockingIOError:  # SO_RCVTIMEO expired: nothing arrived
                 if have == 0:
-                    if fields[slot.COMMAND] == slot.RETIRE:
-                        raise _Released from None
+                    self._at_boundary()
                     continue
                 quiet += 1
                 if quiet >= self._stall_wakeups:
@@ -206,10 +215,11 @@ class Server:
 
     def _loop(self, sock: socket.socket, stats: ConnectionStats) -> None:
         buf, fields = self._slot.request, self._slot.fields
-        handlers = self._handlers
+        handlers, audited = self._handlers, self._audited
         receive = self._receive
         sendall = sock.sendall
         unpack_header = p.HEADER.unpack_from
+        clock = time.perf_counter_ns
         HEADER_SIZE = p.HEADER_SIZE  # noqa: N806 (a local for the hot loop)
         have = fields[slot.HAVE]  # bytes already in the buffer: a handed-on request
         if have == 0:
@@ -217,8 +227,8 @@ class Server:
         fields[slot.PHASE] = slot.RECEIVING
         seq = 0
         while True:
-            if have == 0 and fields[slot.COMMAND] == slot.RETIRE:
-                raise _Released
+            if have == 0 and (fields[slot.COMMAND] or fields[slot.LOG_EPOCH] != self.log_epoch):
+                self._on_command()
             if have < HEADER_SIZE:
                 have = receive(sock, have, HEADER_SIZE)
                 if have == 0:
@@ -229,7 +239,7 @@ class Server:
             if have < end:
                 have = receive(sock, have, end)
                 if have == 0:
-                    stats.reason = "eof-mid-request"
+                    stats.reason = "eof mid-request"
                     return
 
             seq += 1
@@ -237,16 +247,23 @@ class Server:
             fields[slot.PHASE] = slot.EXECUTING
             stats.requests += 1
             payload = buf[HEADER_SIZE:end]
-            if _is_fd_reply(code):
-                self._answer_with_fd(sock, code, handlers[code], payload, stats)
+            audit = audited[code]
+            started = clock() if audit else 0
+            try:
+                result = handlers[code](payload)
+                err = 0
+            except Exception as e:
+                err = self._errno_of(code, e)
+                result = None
+                stats.errors += 1
+                self._refusal = _refusal_kind(e, self._readonly)
+            if code == p.T_OPEN or code == p.T_CREATE:
+                self._send_fd_reply(sock, result, err)
             else:
-                try:
-                    reply = handlers[code](payload)
-                except Exception as e:
-                    stats.errors += 1
-                    reply = p.encode_error(self._errno_of(code, e))
                 fields[slot.PHASE] = slot.REPLY_READY
-                sendall(reply)
+                sendall(result if err == 0 else p.encode_error(err))
+            if audit or (err and self._refusal):
+                self._audit(code, payload, err, started, audit)
 
             # Back to a request boundary. Clear the header before saying RECEIVING,
             # so that a header the master finds there was really just received.
@@ -258,41 +275,49 @@ class Server:
             fields[slot.HAVE] = have
             fields[slot.PHASE] = slot.RECEIVING
 
-    def _answer_with_fd(
-        self,
-        sock: socket.socket,
-        code: int,
-        handler: Handler,
-        payload: memoryview,
-        stats: ConnectionStats,
-    ) -> None:
+    def _send_fd_reply(self, sock: socket.socket, fd: int | None, err: int) -> None:
         fields = self._slot.fields
-        try:
-            fd = handler(payload)
-        except Exception as e:
-            stats.errors += 1
-            reply = p.encode_fd_reply(-self._errno_of(code, e))
+        if err:
             fields[slot.PHASE] = slot.REPLY_READY
-            sock.sendall(reply)
+            sock.sendall(p.encode_fd_reply(-err))
             return
+        assert fd is not None
         try:
             fields[slot.PHASE] = slot.REPLY_READY
             sock.sendmsg([p.FD_REPLY_VALID], [(_SOL_SOCKET, _SCM_RIGHTS, p.FD_REPLY.pack(fd))])
         finally:
             os.close(fd)  # the client has its own copy now (or none, if sending failed)
 
+    def _audit(self, code: int, payload: memoryview, err: int, started: int, audit: int) -> None:
+        """The audit event of one request (after its reply went out: off the latency).
+
+        A security refusal (special file, read-only export) is a warning, and is
+        logged even where the audit level would not log the request.
+        """
+        refusal = self._refusal if err else None
+        self._refusal = None
+        if self._slot.fields[slot.LOG_EPOCH] != self.log_epoch:  # a reopened log file waits
+            self._on_log_reopen()
+        try:
+            fields = audit_fields(code, payload)
+        except p.MalformedRequest:
+            fields = {"op": p.REQUESTS[code].name, "malformed": True}
+        if audit == AUDIT_IF_WRITING and not refusal and not fields.get("writing"):
+            return
+        fields.pop("writing", None)
+        fields["result"] = log.result_name(err)
+        if started:
+            fields["dur_us"] = (time.perf_counter_ns() - started) // 1000
+        if refusal:
+            self._log.warning("op", refused=refusal, **fields)
+        else:
+            self._log.info("op", **fields)
+
     def _errno_of(self, code: int, e: Exception) -> int:
         if isinstance(e, OSError) and e.errno:
-            if isinstance(e, SpecialFileRefused):
-                self._log.warning(
-                    "special file refused",
-                    op=p.REQUESTS[code].name,
-                    path=_printable(e.filename),
-                    file_type=e.file_type,
-                )
             return e.errno
         if isinstance(e, p.MalformedRequest):
-            self._log.info("malformed request", op=p.REQUESTS[code].name, error=str(e))
+            self._log.debug("malformed request", op=p.REQUESTS[code].name, error=str(e))
             return e.errno
         if isinstance(e, ValueError | OverflowError):  # a value the kernel cannot take
             return errno.EINVAL
@@ -300,10 +325,118 @@ class Server:
         return errno.EIO
 
 
-def _printable(value: object) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "backslashreplace")
-    return str(value)
+def _refusal_kind(e: Exception, readonly: bool) -> str | None:
+    """Refusals an auditor must see as warnings, whatever the audit level."""
+    if isinstance(e, SpecialFileRefused):
+        return f"special file ({e.file_type})"
+    if readonly and isinstance(e, OSError) and e.errno == errno.EROFS:
+        return "read-only export"
+    return None
+
+
+# --- audit events ------------------------------------------------------------------------
+
+AUDIT_NEVER, AUDIT_ALWAYS, AUDIT_IF_WRITING = 0, 1, 2
+
+_WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def audited_codes(audit: str) -> list[int]:
+    """Per request code: never, always, or (OPEN at "mutations") only when writing."""
+    table = [AUDIT_NEVER] * (max(p.REQUESTS) + 1)
+    for code, request in p.REQUESTS.items():
+        if audit == "all" or (audit == "mutations" and request.mutates):
+            table[code] = AUDIT_ALWAYS
+    if audit == "mutations":
+        table[p.T_OPEN] = AUDIT_IF_WRITING
+    return table
+
+
+def _ids(uid: int, gid: int) -> dict[str, int]:
+    return {"uid": uid, "gid": gid}
+
+
+def audit_fields(code: int, payload: memoryview) -> dict[str, Any]:
+    """The fields of one request's audit event (docs/events.md, event "op")."""
+    args = p.DECODERS[code](payload)
+    path = log.printable
+    match code:
+        case p.T_OPEN:
+            flags = args[1]
+            return {
+                "op": "open",
+                "path": path(args[0]),
+                "flags": log.open_flags(flags),
+                "writing": bool(flags & _WRITING),
+            }
+        case p.T_CREATE:
+            return {
+                "op": "create",
+                "path": path(args[0]),
+                "flags": log.open_flags(args[1]),
+                "mode": oct(args[2] & 0o7777),
+                **_ids(args[3], args[4]),
+            }
+        case p.T_MKNOD:
+            return {
+                "op": "mknod",
+                "path": path(args[2]),
+                "mode": oct(args[3] & 0o177777),
+                "rdev": args[4],
+                **_ids(args[0], args[1]),
+            }
+        case p.T_MKDIR:
+            return {
+                "op": "mkdir",
+                "path": path(args[2]),
+                "mode": oct(args[3] & 0o7777),
+                **_ids(args[0], args[1]),
+            }
+        case p.T_SYMLINK:
+            return {
+                "op": "symlink",
+                "path": path(args[3]),
+                "path2": path(args[2]),
+                **_ids(args[0], args[1]),
+            }
+        case p.T_LINK | p.T_RENAME:
+            return {"op": p.REQUESTS[code].name, "path": path(args[0]), "path2": path(args[1])}
+        case p.T_READLINK:
+            return {"op": "readlink", "path": path(args[0]), "size": args[1]}
+        case p.T_CHMOD:
+            return {"op": "chmod", "path": path(args[0]), "mode": oct(args[1] & 0o7777)}
+        case p.T_CHOWN:
+            return {"op": "chown", "path": path(args[0]), **_ids(args[1], args[2])}
+        case p.T_TRUNCATE:
+            return {"op": "truncate", "path": path(args[0]), "length": args[1]}
+        case p.T_UTIME:
+            return {
+                "op": "utime",
+                "path": path(args[0]),
+                "atime": [args[1], args[2]],
+                "mtime": [args[3], args[4]],
+            }
+        case p.T_LGETXATTR:
+            return {
+                "op": "lgetxattr",
+                "path": path(args[1]),
+                "name": path(args[2]),
+                "size": args[0],
+            }
+        case p.T_LLISTXATTR:
+            return {"op": "llistxattr", "path": path(args[1]), "size": args[0]}
+        case p.T_LSETXATTR:
+            return {
+                "op": "lsetxattr",
+                "path": path(args[0]),
+                "name": path(args[1]),
+                "size": args[3],
+                "xattr_flags": args[4],
+            }
+        case p.T_LREMOVEXATTR:
+            return {"op": "lremovexattr", "path": path(args[0]), "name": path(args[1])}
+        case _:  # LSTAT, STATFS, REMOVE, GETVERSION: a path only
+            return {"op": p.REQUESTS[code].name, "path": path(args[0])}
 
 
 # --- the worker process ----------------------------------------------------------------
@@ -370,7 +503,10 @@ def _worker(
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     _quiet_signals()
     _title(export.name, index, "starting")
-    log.configure(config.log_format, config.log_level, to_syslog=config.daemonize)
+    # The master's destination (stderr, log file or syslog), set up again for this pid.
+    log.configure(
+        config.log_format, config.log_level, to_syslog=log.uses_syslog(), fd=log.current_fd()
+    )
     logger = log.get(role="worker", export=export.name, worker=index)
     try:
         privileges.enter_sandbox(export.path)
@@ -379,28 +515,39 @@ def _worker(
         return EXIT_EXPORT
     ops_class = ReadOnlyOps if export.readonly else ExportOps
     ops = ops_class(privileges.Credentials(), has_generations())
-    server = Server(ops, logger, journal, config.request_timeout)
+
+    def on_log_reopen() -> None:
+        """The master reopened the log file: its descriptor waits on the channel."""
+        server.log_epoch = journal.fields[slot.LOG_EPOCH]
+        _take_messages(control, logger, block=False)
+
+    def on_command() -> None:
+        """At a request boundary: a reopened log file, or the master wants us back."""
+        if journal.fields[slot.LOG_EPOCH] != server.log_epoch:
+            on_log_reopen()
+        if journal.fields[slot.COMMAND] == slot.RETIRE:
+            raise _Released
+
+    server = Server(
+        ops,
+        logger,
+        journal,
+        request_timeout=config.request_timeout,
+        audit=config.audit,
+        readonly=export.readonly,
+        on_command=on_command,
+        on_log_reopen=on_log_reopen,
+    )
     channel.send(control, {"op": "ready"})
     _title(export.name, index, "idle")
     while True:
-        message, fd = channel.receive(control)
-        if message is None:  # the master closed our channel: retire
+        handed = _take_messages(control, logger, block=True)
+        if handed is None:  # the master closed our channel: retire
             return EXIT_OK
-        if message["op"] != "serve" or fd is None:
-            if fd is not None:
-                os.close(fd)
-            logger.error("unexpected message from master", message=message)
-            return EXIT_INTERNAL
-        conn_id = message["conn"]
+        conn_id, peer, fd = handed
         conn = socket.socket(fileno=fd)
-        _title(export.name, index, f"conn={conn_id} peer={message.get('peer_pid', '?')}")
-        server_log = logger.bind(
-            conn=conn_id,
-            peer_pid=message.get("peer_pid"),
-            peer_uid=message.get("peer_uid"),
-            peer_gid=message.get("peer_gid"),
-        )
-        server.set_log(server_log)
+        _title(export.name, index, f"conn={conn_id} peer={peer['peer_pid']}")
+        server.set_log(logger.bind(conn=conn_id, **peer))
         stats = server.serve(conn)
         conn.close()
         op = "released" if stats.reason == "released" else "done"
@@ -412,8 +559,37 @@ def _worker(
                 "requests": stats.requests,
                 "errors": stats.errors,
                 "reason": stats.reason,
+                "protocol_error": stats.protocol_error,
             },
         )
         if op == "released":
             return EXIT_OK
         _title(export.name, index, "idle")
+
+
+def _take_messages(
+    control: socket.socket, logger: Any, block: bool
+) -> tuple[int, dict[str, int], int] | None:
+    """Handle the master's messages. A reopened log file is taken over at once; a
+    connection to serve is returned (id, peer, descriptor). None when the master
+    closed the channel, or (not blocking) when nothing is left to read."""
+    while True:
+        try:
+            message, fd = channel.receive(control, 0 if block else socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        if message is None:
+            if not block:
+                raise _Released  # the master is gone; PDEATHSIG follows
+            return None
+        if message["op"] == "log" and fd is not None:
+            # Keep writing to the same descriptor number: dup2 swaps the file under it.
+            os.dup2(fd, log.current_fd())
+            os.close(fd)
+            continue
+        if message["op"] == "serve" and fd is not None:
+            peer = {k: message[k] for k in ("peer_pid", "peer_uid", "peer_gid")}
+            return message["conn"], peer, fd
+        if fd is not None:
+            os.close(fd)
+        logger.error("unexpected message from master", message=message)

@@ -74,8 +74,10 @@ class Daemon:
         daemon.setdefault("stop_timeout", 3.0)
         self.daemon_settings = daemon
         self.config = write_config(tmp / "proxyd.toml", daemon, exports)
-        self.log_path = tmp / "proxyd.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        self.stderr_path = tmp / "proxyd.stderr"
+        # Events are read from the log file when one is configured, else from stderr.
+        self.log_path = Path(daemon["log_file"]) if "log_file" in daemon else self.stderr_path
+        self._log = open(self.stderr_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "proxyd", "-n", "--config", str(self.config)],
             cwd=CHECKOUT,
@@ -83,14 +85,20 @@ class Daemon:
             stdout=self._log,
             stderr=self._log,
         )
-        for export in exports:
-            if export.get("min_idle", 1) > 0:
-                self.wait_event("worker spawned", export=export["name"])
+        try:
+            for export in exports:
+                if export.get("min_idle", 1) > 0:
+                    self.wait_event("worker spawned", export=export["name"])
+        except BaseException:
+            self.stop()
+            raise
 
     # --- logs ---
 
     def events(self, event: str | None = None, **match: Any) -> list[dict[str, Any]]:
         found = []
+        if not self.log_path.exists():
+            return found
         for line in self.log_path.read_text(errors="replace").splitlines():
             try:
                 record = json.loads(line)
@@ -103,14 +111,20 @@ class Daemon:
         return found
 
     def wait_event(self, event: str, timeout: float = 10.0, count: int = 1, **match: Any):
-        return wait_until(
-            lambda: len(self.events(event, **match)) >= count and self.events(event, **match),
-            timeout,
-            f"log event {event!r} {match} x{count}\n{self.log_text()}",
-        )
+        try:
+            return wait_until(
+                lambda: len(self.events(event, **match)) >= count and self.events(event, **match),
+                timeout,
+                f"log event {event!r} {match} x{count}",
+            )
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.log_text()}") from None
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
+        text = self.stderr_path.read_text(errors="replace")
+        if self.log_path != self.stderr_path and self.log_path.exists():
+            text += self.log_path.read_text(errors="replace")
+        return text[-6000:]
 
     # --- processes ---
 

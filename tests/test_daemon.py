@@ -121,7 +121,7 @@ def test_peers_outside_the_allow_list_are_refused(tmp_path: Path) -> None:
         refused = d.connect("a", unlink=False)
         with pytest.raises(ConnectionClosed):
             refused.lstat("/")
-        event = d.wait_event("peer refused", export="a")[-1]
+        event = d.wait_event("connection refused", export="a")[-1]
         assert event["level"] == "warning" and event["peer_uid"] == 0
         # The allowed uid is served (a child process that becomes uid 4242).
         code = f"""
