@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
-from proxyd import listener, log
-from proxyd.config import Config, ConfigError, parse_args
+from proxyd import control, listener, log
+from proxyd.config import EXIT_SOCKET_IN_USE, Config, ConfigError, parse_args
 from proxyd.master import Master
 
 
@@ -29,7 +29,36 @@ def daemonize() -> None:
         os.close(null)
 
 
+def _running_pid(pidfile: str) -> int | None:
+    """The pid in `pidfile` if that process is alive and is a proxyd."""
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read().strip() or 0)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            alive = b"proxyd" in f.read()
+    except (OSError, ValueError):
+        return None
+    return pid if pid > 0 and alive else None
+
+
+def _write_pidfile(pidfile: str) -> None:
+    """Atomically: a reader sees the old content or the whole new pid, never half."""
+    temporary = f"{pidfile}.{os.getpid()}.tmp"
+    with open(temporary, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.rename(temporary, pidfile)
+
+
+def _remove_pidfile(pidfile: str) -> None:
+    if _running_pid(pidfile) == os.getpid():
+        os.unlink(pidfile)
+
+
 def serve(config: Config) -> int:
+    if config.pidfile is not None and (pid := _running_pid(config.pidfile)) is not None:
+        raise ConfigError(
+            f"another proxyd (pid {pid}) is running: {config.pidfile}", EXIT_SOCKET_IN_USE
+        )
     bound: dict[str, listener.Listener] = {}
     stale: list[str] = []
     try:
@@ -40,6 +69,7 @@ def serve(config: Config) -> int:
                 bound[export.name] = listener.bind(
                     export.socket, export.socket_uid, export.socket_gid, export.socket_mode
                 )
+        control_listener = control.bind(config.control_socket) if config.control_socket else None
     except ConfigError:
         for done in bound.values():
             done.close()
@@ -57,12 +87,28 @@ def serve(config: Config) -> int:
     log.configure(config.log_format, config.log_level, to_syslog=to_syslog, fd=log_fd)
     for path in stale:
         log.get(role="master").info("stale socket replaced", socket=path)
-    return Master(config, bound).run()
+    if config.pidfile is not None:
+        _write_pidfile(config.pidfile)
+    try:
+        return Master(config, bound, control_listener).run()
+    finally:
+        if config.pidfile is not None:
+            _remove_pidfile(config.pidfile)
+
+
+SUBCOMMANDS = ("status", "reload", "stop", "audit")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        if argv[0] == "audit":
+            from proxyd import audit
+
+            return audit.main(argv[1:])
+        return control.main(argv)
     try:
-        return serve(parse_args(sys.argv[1:] if argv is None else argv))
+        return serve(parse_args(argv))
     except ConfigError as e:
         print(f"proxyd: error: {e}", file=sys.stderr)
         return e.exit_code

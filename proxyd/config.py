@@ -65,6 +65,7 @@ class Config:
     stop_timeout: float = 5.0
     request_timeout: float = 30.0
     daemonize: bool = False
+    pidfile: str | None = None
     once: bool = False  # serve one connection, then exit (the reference's behaviour)
     fd: int | None = None  # -f: the one connection to serve
     source: str = "command line"  # the config file, for titles and logs
@@ -99,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--log-format", choices=FORMATS, help="log line format (default json)")
     ap.add_argument("--log-level", choices=LEVELS, help="lowest level logged (default info)")
     ap.add_argument("--log-file", help="append log lines to this file (reopened on SIGUSR1)")
+    ap.add_argument(
+        "--pidfile", help="write the master's pid here (refuse to start if it is alive)"
+    )
     ap.add_argument("--audit", choices=AUDIT_LEVELS, help="requests logged (default mutations)")
     ap.add_argument("-V", "--version", action="version", version=f"proxyd {__version__}")
     return ap
@@ -389,4 +393,6 @@ def parse_args(argv: list[str]) -> Config:
         overrides["log_file"] = os.path.abspath(args.log_file)
     if args.audit:
         overrides["audit"] = args.audit
+    if args.pidfile:
+        overrides["pidfile"] = os.path.abspath(args.pidfile)
     return replace(config, **overrides)

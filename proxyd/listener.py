@@ -81,6 +81,7 @@ def bind(path: str, uid: int, gid: int, mode: int = 0o770, backlog: int = 16) ->
     temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)  # /run/proxyd is gone after a reboot
         if os.path.lexists(temporary):
             os.unlink(temporary)  # left by a crashed process with our pid
         sock.bind(temporary)

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import selectors
 import signal
@@ -25,7 +26,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from proxyd import __version__, channel, listener, log, slot
+from proxyd import __version__, channel, control, listener, log, slot
 from proxyd import protocol as p
 from proxyd.config import EXIT_EXPORT, EXIT_OK, Config, ConfigError, ExportConfig, load_file
 from proxyd.slot import Slot
@@ -146,7 +147,12 @@ def _describe_exit(status: int) -> dict[str, Any]:
 
 
 class Master:
-    def __init__(self, config: Config, bound: dict[str, listener.Listener] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        bound: dict[str, listener.Listener] | None = None,
+        control_listener: listener.Listener | None = None,
+    ) -> None:
         self.config = config
         self.log = log.get(role="master")
         self.selector = selectors.DefaultSelector()
@@ -165,6 +171,13 @@ class Master:
         self._watcher = listener.DirectoryWatcher()
         self.selector.register(self._signal_r, selectors.EVENT_READ, self._on_signal)
         self.selector.register(self._watcher.fd, selectors.EVENT_READ, self._on_inotify)
+        self._control = control_listener
+        self._control_clients: dict[socket.socket, tuple[bytearray, float]] = {}
+        if control_listener is not None:
+            control_listener.sock.setblocking(False)
+            self.selector.register(
+                control_listener.sock, selectors.EVENT_READ, self._on_control_accept
+            )
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -206,6 +219,9 @@ class Master:
         for w in list(self.workers.values()):
             if w.state == "busy":
                 self._watch_for_hang(w, now)
+        for client, (_, deadline) in list(self._control_clients.items()):
+            if now > deadline:  # a client that never finished its request line
+                self._drop_control_client(client)
 
     # --- signals: the handlers only wake the loop ----------------------------------------
 
@@ -263,16 +279,18 @@ class Master:
             self._kill(w, signal.SIGKILL)
         self.stop_deadline = time.monotonic()
 
-    def handle_hup(self) -> None:
-        """Re-read the configuration; replace every worker at a request boundary."""
+    def handle_hup(self) -> str | None:
+        """Re-read the configuration; replace every worker at a request boundary.
+
+        Returns why the reload was refused, or None when it was applied."""
         if self.stop_deadline is not None:
-            return
+            return "the daemon is stopping"
         try:
             new = self._reread()
         except ConfigError as e:
             self.log.error("reload refused", error=str(e))
             self.counters["reloads_refused"] += 1
-            return
+            return str(e)
         old_names = set(self.pools)
         new_names = {e.name for e in new.exports}
         log_file_changed = new.log_file != self.config.log_file
@@ -314,6 +332,7 @@ class Master:
             removed=sorted(old_names - new_names),
             exports=sorted(new_names),
         )
+        return None
 
     def handle_ttin(self) -> None:
         for pool in self.pools.values():
@@ -646,6 +665,10 @@ class Master:
             w.journal.close()  # other workers' journals are none of this one's business
         for conn in self.connections.values():
             conn.sock.close()
+        if self._control is not None:
+            self._control.sock.close()
+        for client in self._control_clients:
+            client.close()
         self.selector.close()
         self._watcher.close()
         for fd in (self._signal_r, self._signal_w, self._reserve_fd):
@@ -928,6 +951,128 @@ class Master:
         elif now - w.aborted_at > ABORT_GRACE:
             self._kill(w, signal.SIGKILL)
 
+    # --- the control socket -----------------------------------------------------------------
+
+    def _on_control_accept(self, sock: socket.socket) -> None:
+        try:
+            client, _ = sock.accept()
+        except OSError:
+            return
+        if not control.peer_is_root(client):
+            self.log.warning("control connection refused", reason="peer is not root")
+            client.close()
+            return
+        client.setblocking(False)
+        self._control_clients[client] = (bytearray(), time.monotonic() + 2.0)
+        self.selector.register(client, selectors.EVENT_READ, self._on_control_request)
+
+    def _drop_control_client(self, client: socket.socket) -> None:
+        self._control_clients.pop(client, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(client)
+        client.close()
+
+    def _on_control_request(self, client: socket.socket) -> None:
+        buf, _ = self._control_clients[client]
+        try:
+            data = client.recv(control.MAX_REQUEST)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        buf += data
+        if data and b"\n" not in buf and len(buf) < control.MAX_REQUEST:
+            return  # the rest of the line is still coming
+        try:
+            answer = self._control_answer(control.parse_request(bytes(buf)))
+        except ValueError as e:
+            answer = {"ok": False, "error": f"bad request: {e}"}
+        try:
+            client.setblocking(True)
+            client.settimeout(1.0)
+            client.sendall(json.dumps(answer).encode())
+        except OSError:
+            pass
+        self._drop_control_client(client)
+
+    def _control_answer(self, cmd: str) -> dict[str, Any]:
+        if cmd == "status":
+            return {"ok": True, "status": self.status()}
+        if cmd == "reload":
+            refused = self.handle_hup()
+            if refused is not None:
+                return {"ok": False, "error": f"reload refused: {refused}"}
+            return {"ok": True, "generation": self.generation}
+        self._begin_stop("control: stop")
+        return {"ok": True}
+
+    def status(self) -> dict[str, Any]:
+        """What `proxyd status` shows: exports, workers, connections, counters."""
+        now = time.time()
+
+        def live_requests(w: Worker) -> int:
+            return w.journal.fields[slot.SEQ] if w.state in ("busy", "retiring") and w.conn else 0
+
+        workers = [
+            {
+                "pid": w.pid,
+                "export": w.pool.config.name,
+                "index": w.index,
+                "state": w.state,
+                "conn": w.conn.id if w.conn else None,
+                "connections": w.connections,
+                "requests": w.requests + live_requests(w),
+                "started": w.started,
+                "generation": w.generation,
+            }
+            for w in sorted(self.workers.values(), key=lambda w: (w.pool.config.name, w.index))
+        ]
+        serving = {w.conn.id: w for w in self.workers.values() if w.conn is not None}
+        connections = [
+            {
+                "id": c.id,
+                "export": c.export,
+                "peer_pid": c.peer_pid,
+                "peer_uid": c.peer_uid,
+                "peer_gid": c.peer_gid,
+                "since": c.accepted,
+                "requests": c.requests + (live_requests(serving[c.id]) if c.id in serving else 0),
+                "errors": c.errors,
+                "worker_pid": serving[c.id].pid if c.id in serving else None,
+            }
+            for c in sorted(self.connections.values(), key=lambda c: c.id)
+        ]
+        exports = []
+        for pool in self.pools.values():
+            states = [w.state for w in pool.workers.values()]
+            exports.append(
+                {
+                    "name": pool.config.name,
+                    "path": pool.config.path,
+                    "socket": pool.config.socket,
+                    "readonly": pool.config.readonly,
+                    "min_idle": pool.min_idle,
+                    "max_workers": pool.config.max_workers,
+                    "workers": len(states),
+                    "idle": states.count("idle"),
+                    "busy": states.count("busy") + states.count("retiring"),
+                    "waiting": len(pool.pending),
+                }
+            )
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "started": self.started,
+            "uptime_s": round(now - self.started, 1),
+            "source": self.config.source,
+            "generation": self.generation,
+            "stopping": self.stop_deadline is not None,
+            "exports": exports,
+            "workers": workers,
+            "connections": connections,
+            "counters": dict(self.counters),
+        }
+
     # --- stopping ---------------------------------------------------------------------------
 
     def _begin_stop(self, why: str) -> None:
@@ -962,4 +1107,8 @@ class Master:
             self._close_connection(conn, "daemon stopped")
         for pool in self.pools.values():
             self._close_listener(pool)
+        for client in list(self._control_clients):
+            self._drop_control_client(client)
+        if self._control is not None:
+            self._control.close()
         self.log.info("stop", exit_code=self.exit_code, counters=dict(self.counters))

@@ -225,3 +225,44 @@ def test_daemon_mode_detaches_and_serves(export: Path, tmp_path: Path) -> None:
         assert time.monotonic() < deadline, "daemon did not stop on SIGTERM"
         time.sleep(0.05)
     assert not sock_path.exists()  # a stopping daemon removes its socket
+
+
+def test_pidfile_is_written_and_guards_against_a_second_instance(
+    export: Path, tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "proxyd.pid"
+    args = (
+        "-p",
+        str(export),
+        "-s",
+        str(tmp_path / "a.sock"),
+        "-u",
+        "0",
+        "-g",
+        "0",
+        "--pidfile",
+        str(pidfile),
+    )
+    assert run(*args).returncode == 0  # detaches
+    _wait_for(pidfile)
+    pid = int(pidfile.read_text())
+    assert _alive(pid) and Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"proxyd: master")
+    second = run(
+        "-p",
+        str(export),
+        "-s",
+        str(tmp_path / "b.sock"),
+        "-u",
+        "0",
+        "-g",
+        "0",
+        "--pidfile",
+        str(pidfile),
+    )
+    one_line_error(second, 4, f"another proxyd (pid {pid}) is running")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while _alive(pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not pidfile.exists()

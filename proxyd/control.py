@@ -1,0 +1,261 @@
+"""The control socket: JSON status for operators, reload and stop as conveniences.
+
+The master listens on a root-only Unix socket (mode 0600, and the peer must be uid 0).
+A client sends one JSON line, {"cmd": "status" | "reload" | "stop"}, and reads one
+JSON document back. `proxyd status`, `proxyd reload`, `proxyd stop` and the
+supervisorctl plugin (`supervisorctl proxyd status`) are clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+from proxyd import listener
+from proxyd.config import ConfigError, load_file
+
+DEFAULT_SOCKET = "/run/proxyd/control.sock"
+MAX_REQUEST = 4096
+CLIENT_TIMEOUT = 10.0
+
+
+class ControlError(Exception):
+    """The daemon cannot be reached or refused the command; the message says why."""
+
+
+# --- the master's side -----------------------------------------------------------------
+
+
+def bind(path: str) -> listener.Listener:
+    """Listen on the control socket: root only, replacing a stale one."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    listener.claim_path(path)
+    return listener.bind(path, 0, 0, mode=0o600)
+
+
+def peer_is_root(sock: socket.socket) -> bool:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    return int.from_bytes(creds[4:8], sys.byteorder) == 0
+
+
+def parse_request(data: bytes) -> str:
+    """The command of a request line; ValueError if it is not one we know."""
+    request = json.loads(data)
+    if not isinstance(request, dict) or request.get("cmd") not in ("status", "reload", "stop"):
+        raise ValueError('expected {"cmd": "status" | "reload" | "stop"}')
+    return request["cmd"]
+
+
+# --- clients ---------------------------------------------------------------------------------
+
+
+def call(path: str, cmd: str) -> dict[str, Any]:
+    """Send one command to the daemon at `path` and return its answer."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(CLIENT_TIMEOUT)
+    try:
+        try:
+            sock.connect(path)
+        except FileNotFoundError:
+            raise ControlError(f"no daemon: control socket {path} does not exist") from None
+        except ConnectionRefusedError:
+            raise ControlError(f"no daemon is listening on {path}") from None
+        except PermissionError:
+            raise ControlError(f"permission denied on {path} (root only)") from None
+        sock.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except TimeoutError:
+        raise ControlError(
+            f"the daemon on {path} did not answer in {CLIENT_TIMEOUT:.0f} s"
+        ) from None
+    except OSError as e:
+        raise ControlError(f"{path}: {e.strerror}") from None
+    finally:
+        sock.close()
+    try:
+        answer = json.loads(b"".join(chunks))
+    except ValueError:
+        raise ControlError(f"the daemon on {path} sent an unreadable answer") from None
+    if not answer.get("ok", False):
+        raise ControlError(answer.get("error", "the daemon refused the command"))
+    return answer
+
+
+def _age(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    for row in cells:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return lines
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The status document as the tables `proxyd status` prints."""
+    now = time.time()
+    lines = [
+        f"proxyd {status['version']}  pid {status['pid']}  up {_age(status['uptime_s'])}  "
+        f"config {status['source']}  generation {status['generation']}"
+        + ("  STOPPING" if status.get("stopping") else ""),
+        "",
+    ]
+    lines += _table(
+        ["EXPORT", "PATH", "SOCKET", "RO", "WORKERS", "IDLE", "BUSY", "WAITING", "MIN", "MAX"],
+        [
+            [
+                e["name"],
+                e["path"],
+                e["socket"],
+                "yes" if e["readonly"] else "no",
+                e["workers"],
+                e["idle"],
+                e["busy"],
+                e["waiting"],
+                e["min_idle"],
+                e["max_workers"],
+            ]
+            for e in status["exports"]
+        ],
+    )
+    lines.append("")
+    lines += _table(
+        ["WORKER", "PID", "STATE", "CONN", "CONNECTIONS", "REQUESTS", "UP"],
+        [
+            [
+                f"{w['export']}#{w['index']}",
+                w["pid"],
+                w["state"],
+                w["conn"],
+                w["connections"],
+                w["requests"],
+                _age(now - w["started"]),
+            ]
+            for w in status["workers"]
+        ],
+    )
+    lines.append("")
+    lines += _table(
+        ["CONN", "EXPORT", "PEER_PID", "PEER_UID", "SINCE", "REQUESTS", "ERRORS", "WORKER"],
+        [
+            [
+                c["id"],
+                c["export"],
+                c["peer_pid"],
+                c["peer_uid"],
+                _age(now - c["since"]),
+                c["requests"],
+                c["errors"],
+                c["worker_pid"],
+            ]
+            for c in status["connections"]
+        ],
+    )
+    counters = status["counters"]
+    lines += [
+        "",
+        "counters: " + (", ".join(f"{k}={v}" for k, v in sorted(counters.items())) or "none"),
+    ]
+    return "\n".join(lines)
+
+
+def socket_path(args: argparse.Namespace) -> str:
+    """The control socket: --socket, else the one --config names, else the default."""
+    if args.socket:
+        return args.socket
+    if args.config:
+        config = load_file(args.config)
+        if config.control_socket is None:
+            raise ConfigError(f"{args.config} sets no daemon.control_socket")
+        return config.control_socket
+    return DEFAULT_SOCKET
+
+
+def main(argv: list[str]) -> int:
+    """`proxyd status|reload|stop [--json] [--socket PATH | --config FILE]`."""
+    ap = argparse.ArgumentParser(prog=f"proxyd {argv[0]}", description=__doc__.splitlines()[0])
+    ap.add_argument("--socket", help=f"control socket (default {DEFAULT_SOCKET})")
+    ap.add_argument("-c", "--config", help="read the control socket from this configuration")
+    if argv[0] == "status":
+        ap.add_argument("--json", action="store_true", help="print the JSON document as is")
+    args = ap.parse_args(argv[1:])
+    try:
+        answer = call(socket_path(args), argv[0])
+    except (ControlError, ConfigError) as e:
+        print(f"proxyd {argv[0]}: error: {e}", file=sys.stderr)
+        return 1
+    if argv[0] == "status":
+        status = answer["status"]
+        print(json.dumps(status, indent=2) if args.json else format_status(status))
+    elif argv[0] == "reload":
+        print(f"reload applied (generation {answer['generation']})")
+    else:
+        print("stopping")
+    return 0
+
+
+# --- the supervisorctl plugin ------------------------------------------------------------------
+
+
+def make_ctl_plugin(controller: Any, **config: str) -> Any:
+    """supervisorctl's factory: `[ctlplugin:proxyd]` with
+    `supervisor.ctl_factory = proxyd.control:make_ctl_plugin` (optional
+    `control_socket = PATH`)."""
+    from supervisor.supervisorctl import ControllerPluginBase, LSBInitExitStatuses
+
+    class ProxydControllerPlugin(ControllerPluginBase):  # type: ignore[misc]
+        name = "proxyd"
+
+        def __init__(self, controller: Any, control_socket: str = DEFAULT_SOCKET) -> None:
+            self.ctl = controller
+            self.control_socket = control_socket
+
+        def do_proxyd(self, arg: str) -> None:
+            words = arg.split()
+            cmd = words[0] if words else "status"
+            if (
+                cmd not in ("status", "reload", "stop")
+                or len(words) > 2
+                or (len(words) == 2 and words[1] != "--json")
+            ):
+                self.ctl.output("Error: proxyd status [--json] | proxyd reload | proxyd stop")
+                self.ctl.exitstatus = LSBInitExitStatuses.INVALID_ARGS
+                return
+            try:
+                answer = call(self.control_socket, cmd)
+            except ControlError as e:
+                self.ctl.output(f"Error: {e}")
+                self.ctl.exitstatus = LSBInitExitStatuses.GENERIC
+                return
+            if cmd == "status":
+                status = answer["status"]
+                as_json = len(words) == 2
+                self.ctl.output(json.dumps(status, indent=2) if as_json else format_status(status))
+            elif cmd == "reload":
+                self.ctl.output(f"reload applied (generation {answer['generation']})")
+            else:
+                self.ctl.output("stopping")
+
+        def help_proxyd(self) -> None:
+            self.ctl.output("proxyd status [--json]\tShow proxyd's exports, workers, connections")
+            self.ctl.output("proxyd reload\t\tRe-read proxyd's configuration (as SIGHUP)")
+            self.ctl.output("proxyd stop\t\tStop proxyd gracefully (as SIGTERM)")
+
+    return ProxydControllerPlugin(controller, **config)
