@@ -17,6 +17,7 @@ from typing import Any
 
 from proxyd import __version__
 from proxyd.log import FORMATS, LEVELS
+from proxyd.privileges import SECCOMP_MODES
 
 SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 for the NUL
 
@@ -52,6 +53,7 @@ class ExportConfig:
     readonly: bool = False
     min_idle: int = 1
     max_workers: int = 16
+    max_connections_per_uid: int = 0  # live connections one peer uid may hold; 0: no limit
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class Config:
     audit: str = "mutations"
     stop_timeout: float = 5.0
     request_timeout: float = 30.0
+    seccomp: str = "kill"  # kill | log | off: what a forbidden system call does to a worker
     daemonize: bool = False
     pidfile: str | None = None
     once: bool = False  # serve one connection, then exit (the reference's behaviour)
@@ -100,6 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--log-format", choices=FORMATS, help="log line format (default json)")
     ap.add_argument("--log-level", choices=LEVELS, help="lowest level logged (default info)")
     ap.add_argument("--log-file", help="append log lines to this file (reopened on SIGUSR1)")
+    ap.add_argument(
+        "--seccomp",
+        choices=SECCOMP_MODES,
+        help="what a worker's forbidden system call does: kill it (default), log, off",
+    )
     ap.add_argument(
         "--pidfile", help="write the master's pid here (refuse to start if it is alive)"
     )
@@ -187,6 +195,7 @@ _DAEMON_KEYS = {
     "audit",
     "stop_timeout",
     "request_timeout",
+    "seccomp",
 }
 _EXPORT_KEYS = {
     "name",
@@ -200,6 +209,7 @@ _EXPORT_KEYS = {
     "readonly",
     "min_idle",
     "max_workers",
+    "max_connections_per_uid",
 }
 
 
@@ -276,6 +286,8 @@ def _export_from_table(table: dict[str, Any], index: int) -> ExportConfig:
     max_workers = _in_range(
         _typed(table, "max_workers", where, int, 16), "max_workers", where, 1, 4096
     )
+    per_uid = _typed(table, "max_connections_per_uid", where, int, 0)
+    _in_range(per_uid, "max_connections_per_uid", where, 0, 1_000_000)
     if min_idle > max_workers:
         raise ConfigError(f"{where}.min_idle: {min_idle} is more than max_workers {max_workers}")
     return ExportConfig(
@@ -298,6 +310,7 @@ def _export_from_table(table: dict[str, Any], index: int) -> ExportConfig:
         readonly=_typed(table, "readonly", where, bool, False),
         min_idle=int(min_idle),
         max_workers=int(max_workers),
+        max_connections_per_uid=per_uid,
     )
 
 
@@ -338,6 +351,9 @@ def load_file(path: str) -> Config:
         0.5,
         86400,
     )
+    seccomp = _typed(daemon, "seccomp", "daemon", str, "kill")
+    if seccomp not in SECCOMP_MODES:
+        raise ConfigError(f"daemon.seccomp: '{seccomp}' is not one of {', '.join(SECCOMP_MODES)}")
     tables = _typed(data, "export", "config", list, [])
     if not tables:
         raise ConfigError("config: no [[export]] table")
@@ -358,6 +374,7 @@ def load_file(path: str) -> Config:
         audit=audit,
         stop_timeout=float(stop_timeout),
         request_timeout=float(request_timeout),
+        seccomp=seccomp,
         source=os.path.abspath(path),
         path=os.path.abspath(path),
     )
@@ -393,6 +410,8 @@ def parse_args(argv: list[str]) -> Config:
         overrides["log_file"] = os.path.abspath(args.log_file)
     if args.audit:
         overrides["audit"] = args.audit
+    if args.seccomp:
+        overrides["seccomp"] = args.seccomp
     if args.pidfile:
         overrides["pidfile"] = os.path.abspath(args.pidfile)
     return replace(config, **overrides)

@@ -521,6 +521,27 @@ class Master:
             )
             sock.close()
             return
+        limit = export.max_connections_per_uid
+        if (
+            limit
+            and sum(
+                1
+                for c in self.connections.values()
+                if c.export == export.name and c.peer_uid == uid
+            )
+            >= limit
+        ):
+            self.counters["refused_peers"] += 1
+            self.log.warning(
+                "connection refused",
+                export=export.name,
+                peer_pid=pid,
+                peer_uid=uid,
+                peer_gid=gid,
+                reason=f"peer uid already holds {limit} connections",
+            )
+            sock.close()
+            return
         conn = Connection(self.next_conn, sock, export.name, pid, uid, gid)
         self.next_conn += 1
         self.connections[conn.id] = conn

@@ -208,6 +208,7 @@ def test_killed_idle_worker_costs_the_guest_nothing(tmp_path: Path) -> None:
         c = d.connect("a")
         ok(c.mkdir(0, 0, "/d", 0o755))
         victim = d.serving_worker(last_conn(d))
+        time.sleep(0.1)  # let it reach its request boundary: this test kills an idle worker
         os.kill(victim, signal.SIGKILL)
         d.wait_event("crash recovery", outcome="nothing was in flight")
         ok(c.lstat("/d"))  # no error at all: the connection moved to a fresh worker
@@ -264,7 +265,9 @@ def test_poison_connection_is_closed(tmp_path: Path) -> None:
         for _ in range(3):
             ok(c.lstat("/"))
             conn = conn or last_conn(d)
-            os.kill(d.serving_worker(conn), signal.SIGKILL)
+            victim = d.serving_worker(conn)
+            time.sleep(0.1)  # idle at a request boundary: each death is a clean recovery
+            os.kill(victim, signal.SIGKILL)
             time.sleep(0.3)
         d.wait_event("poison connection closed", conn=conn)
         with pytest.raises((ConnectionClosed, BrokenPipeError)):
