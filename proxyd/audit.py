@@ -91,7 +91,7 @@ def _result(text: str) -> str:
     if text.lower() == "ok":
         return "ok"
     # proxyd logs an errno name, or the number when Python knows no name for it
-    if text.upper() in _ERRNO_NAMES or text.isdigit():
+    if text.upper() in _ERRNO_NAMES or (text.isascii() and text.isdigit()):
         return text.upper()
     raise argparse.ArgumentTypeError(f"{text!r} is not ok or an errno name like ENOENT")
 
@@ -100,27 +100,29 @@ def _parser() -> _Parser:
     parser = _Parser(
         prog=PROG,
         allow_abbrev=False,
-        description="Query proxyd's JSON log lines: plain or gzip-compressed files "
-        "(supervisord's rotated parts too), or stdin. Filters combine (all must match).",
+        description="Query proxyd's JSON log: plain or gzip-compressed files (supervisord's "
+        "rotated parts too), read oldest first, or stdin. Different filters must all match; "
+        "a filter given several times matches any of its values.",
         epilog="TIME is ISO 8601 (2026-11-27T11:30:00Z; without an offset it is UTC) or a "
         "duration before now (30s, 15m, 2h, 1d). --since is inclusive, --until exclusive. "
+        "LEVEL is debug, info, warning, error or critical. In --path, // counts as /. "
         "Exit status: 0 when it ran (matches or not), 1 when an input cannot be read, "
         "2 for bad arguments.",
     )
     add = parser.add_argument
-    add("files", nargs="*", metavar="FILE", help="log files; none or - for stdin")
-    add("--since", type=parse_time, metavar="TIME", help="lines at or after TIME")
-    add("--until", type=parse_time, metavar="TIME", help="lines before TIME")
-    add("--export", action="append", metavar="NAME", help="this export (repeatable)")
-    add("--op", action="append", type=_op, metavar="OP", help="op events of this request")
-    add("--result", action="append", type=_result, metavar="RESULT", help="ok, ENOENT, ...")
+    add("files", nargs="*", metavar="FILE", help="log files, plain or gzip; - (or none) for stdin")
+    add("--since", type=parse_time, metavar="TIME", help="events at or after TIME")
+    add("--until", type=parse_time, metavar="TIME", help="events before TIME")
+    add("--export", action="append", metavar="NAME", help="events of export NAME")
+    add("--op", action="append", type=_op, help="op events of request OP (mkdir, ...)")
+    add("--result", action="append", type=_result, help="op events with RESULT (ok, ENOENT, ...)")
     add("--errors", action="store_true", help="op events whose result is not ok")
     add("--path", metavar="PREFIX", help="op events whose path or path2 starts with PREFIX")
-    add("--peer-uid", type=int, metavar="UID", help="requests/connections of this peer uid")
-    add("--conn", type=int, metavar="ID", help="this connection id")
-    add("--level", type=str.lower, choices=LEVELS, help="this level or higher")
-    add("--event", action="append", metavar="NAME", help='this event ("op", "start", ...)')
-    add("--format", choices=FORMATS, default="table", help="output (default: table)")
+    add("--peer-uid", type=int, metavar="UID", help="events of peer uid UID")
+    add("--conn", type=int, metavar="ID", help="events of connection ID")
+    add("--level", type=str.lower, choices=LEVELS, metavar="LEVEL", help="LEVEL or higher")
+    add("--event", action="append", metavar="NAME", help='events named NAME ("op", "start", ...)')
+    add("--format", choices=FORMATS, default="table", help="table (default), json, summary")
     return parser
 
 
@@ -204,14 +206,17 @@ _READ_ERRORS = (OSError, EOFError, zlib.error)  # EOFError, zlib.error: a damage
 def _open_inputs(names: list[str]) -> list[_Input]:
     """Every input opened (so a missing one is reported before any output), oldest first."""
     inputs: list[_Input] = []
+    label = ""
     try:
         for name in dict.fromkeys(names or ["-"]):  # each once: stdin cannot be read twice
             if name == "-":
+                label = "<stdin>"
                 stdin = sys.stdin.buffer
                 if not hasattr(stdin, "peek"):
                     stdin = io.BufferedReader(stdin)  # type: ignore[arg-type]
-                inputs.append(_Input("<stdin>", stdin, owned=False))
+                inputs.append(_Input(label, stdin, owned=False))
                 continue
+            label = name
             raw = open(name, "rb")  # noqa: SIM115 (closed by _Input.close)
             try:
                 inputs.append(_Input(name, raw, owned=True))
@@ -221,7 +226,7 @@ def _open_inputs(names: list[str]) -> list[_Input]:
     except _READ_ERRORS as e:
         for done in inputs:
             done.close()
-        raise _InputError(f"cannot read {name}: {_reason(e)}") from None
+        raise _InputError(f"cannot read {label}: {_reason(e)}") from None
     # stable: inputs with no timestamp in their first MiB keep their place, at the end
     inputs.sort(key=lambda i: (i.first is None, i.first or datetime.min.replace(tzinfo=UTC)))
     return inputs
@@ -317,6 +322,8 @@ def _text(value: Any) -> str:
     """A table cell: "-" when empty, control characters and stray surrogates escaped."""
     if value is None or value == "":
         return "-"
+    if type(value) is int:  # the common case (conn, uid, dur_us), and json.dumps is slow
+        return str(value)
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return _UNPRINTABLE.sub(_escape, text)
 
@@ -337,8 +344,7 @@ def shorten(text: str, width: int) -> str:
 
 
 def _when(t: datetime) -> str:
-    t = t.astimezone(UTC)
-    return f"{t:%Y-%m-%dT%H:%M:%S}.{t.microsecond // 1000:03d}Z"
+    return t.astimezone(UTC).isoformat(timespec="milliseconds").removesuffix("+00:00") + "Z"
 
 
 HEADER = ("TIME", "LEVEL", "EXPORT", "CONN", "PEER_UID", "EVENT", "PATH", "RESULT", "DUR_US")
@@ -502,11 +508,15 @@ def _run(fmt: str, query: Query, inputs: list[_Input]) -> int:
     counts = _Counts()
     events = _events(inputs, counts)
     if fmt == "json":
-        out = sys.stdout.buffer
+        out = getattr(sys.stdout, "buffer", None)
         for event, t, line in events:
             if query.matches(event, t):
-                out.write(line)  # exactly as read
-        out.flush()
+                if out is not None:
+                    out.write(line)  # exactly as read
+                else:  # a text-only stdout (main() called with a StringIO)
+                    sys.stdout.write(line.decode("utf-8", "surrogateescape"))
+        if out is not None:
+            out.flush()
     elif fmt == "table":
         table = _Table(sys.stdout)
         for event, t, _ in events:
@@ -534,6 +544,10 @@ def main(argv: list[str]) -> int:
         return 2
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
+    if not args.files and (sys.stdin is None or sys.stdin.isatty()):
+        # reading a terminal is never what was meant, and would just wait
+        print(f"{PROG}: error: no input: name log files or pipe a log in", file=sys.stderr)
+        return 2
     try:
         inputs = _open_inputs(args.files)
     except _InputError as e:

@@ -41,9 +41,12 @@ def receive(sock: socket.socket, flags: int = 0) -> tuple[dict[str, Any] | None,
 
     Every descriptor received is either returned or closed, on every path.
     """
-    data, ancdata, msg_flags, _ = sock.recvmsg(
-        MAX_MESSAGE, _FD_SPACE, flags | socket.MSG_CMSG_CLOEXEC
-    )
+    try:
+        data, ancdata, msg_flags, _ = sock.recvmsg(
+            MAX_MESSAGE, _FD_SPACE, flags | socket.MSG_CMSG_CLOEXEC
+        )
+    except ConnectionResetError:  # the peer died with our message unread: it is gone
+        return None, None
     fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

@@ -40,6 +40,7 @@ START_FAILURES_FATAL = 5  # consecutive "export cannot be served" starts before 
 BACKOFF_MAX = 10.0
 PENDING_LIMIT = 64  # connections waiting in the master before the backlog takes over
 ABORT_GRACE = 2.0  # SIGABRT -> SIGKILL for a hung worker
+REPLY_VERDICT_WAIT = 0.2  # seconds to wait for a guest's next request after an unclear death
 
 SIOCINQ = 0x541B
 SIOCOUTQ = 0x5411
@@ -172,6 +173,7 @@ class Master:
         self.selector.register(self._signal_r, selectors.EVENT_READ, self._on_signal)
         self.selector.register(self._watcher.fd, selectors.EVENT_READ, self._on_inotify)
         self._control = control_listener
+        self._undecided: dict[int, tuple[Connection, str | None, float]] = {}
         self._control_clients: dict[socket.socket, tuple[bytearray, float]] = {}
         if control_listener is not None:
             control_listener.sock.setblocking(False)
@@ -200,7 +202,10 @@ class Master:
             )
         while not self._finished():
             for key, _ in self.selector.select(TICK):
-                key.data(key.fileobj)
+                # An earlier callback of this batch may have closed this one's file
+                # (a listener replaced by a re-bind): skip what is no longer registered.
+                if self.selector.get_map().get(key.fd) is key:
+                    key.data(key.fileobj)
             self._housekeeping()
         self._shutdown()
         return self.exit_code
@@ -219,6 +224,7 @@ class Master:
         for w in list(self.workers.values()):
             if w.state == "busy":
                 self._watch_for_hang(w, now)
+        self._judge_undecided(now)
         for client, (_, deadline) in list(self._control_clients.items()):
             if now > deadline:  # a client that never finished its request line
                 self._drop_control_client(client)
@@ -721,6 +727,9 @@ class Master:
         if conn.prefix:
             journal.request[: len(conn.prefix)] = conn.prefix
             journal.fields[slot.HAVE] = len(conn.prefix)
+        # In flight from now on: should the worker die before it starts serving, the
+        # handed-on bytes are found again (the worker sets RECEIVING itself too).
+        journal.fields[slot.PHASE] = slot.RECEIVING
         message = {
             "op": "serve",
             "conn": conn.id,
@@ -871,48 +880,57 @@ class Master:
     def _recover(self, w: Worker, conn: Connection) -> None:
         """Decide, from the dead worker's journal, what the guest is owed; then hand the
         connection to a fresh worker, or close it where that is the only safe answer."""
-        now = time.monotonic()
-        conn.deaths = [t for t in conn.deaths if now - t < POISON_WINDOW] + [now]
         if self.stop_deadline is not None:
             self._close_connection(conn, "daemon stopping")
-            return
-        if len(conn.deaths) >= POISON_DEATHS:
-            self.counters["poison_closed"] += 1
-            self.log.warning(
-                "poison connection closed",
-                export=conn.export,
-                conn=conn.id,
-                deaths=len(conn.deaths),
-                window_s=POISON_WINDOW,
-            )
-            self._close_connection(conn, "poison")
             return
         journal = w.journal
         phase, have = journal.fields[slot.PHASE], journal.fields[slot.HAVE]
         code, size = p.HEADER.unpack_from(journal.request)
         op = p.REQUESTS[code].name if code in p.REQUESTS else None
-        if phase == slot.IDLE or (
+        idle = phase == slot.IDLE or (
             phase == slot.RECEIVING and have == 0 and not journal.header_consumed()
-        ):
-            outcome = "nothing was in flight"
+        )
+        if not idle and self._poisoned(conn):
+            return
+        if idle:
+            self._hand_on(conn, op, "nothing was in flight")
         elif phase == slot.RECEIVING and have > 0:
             conn.prefix = bytes(journal.request[:have])
-            outcome = "partly received request handed on"
+            self._hand_on(conn, op, "partly received request handed on")
         elif phase == slot.EXECUTING:
-            if not self._answer_eio(conn, code):
+            if self._answer_eio(conn, code):
+                self._hand_on(conn, op, "answered EIO")
+            else:
                 self._uncertain(conn, op, "could not send the EIO reply")
-                return
-            outcome = "answered EIO"
-        elif phase == slot.REPLY_READY and (
-            _queued(conn.sock, SIOCOUTQ) > 0 or _queued(conn.sock, SIOCINQ) > 0
-        ):
-            outcome = "reply had been sent"
+        elif phase == slot.REPLY_READY:
+            if _queued(conn.sock, SIOCOUTQ) > 0 or _queued(conn.sock, SIOCINQ) > 0:
+                self._hand_on(conn, op, "reply had been sent")
+            else:
+                self._await_next_request(conn, op)
         else:
-            # Died sending a reply that is neither queued nor followed by a new request,
-            # or between receiving bytes and recording them: we cannot tell what the
-            # guest has seen, and a wrong guess would desynchronise its stream.
-            self._uncertain(conn, op, f"phase {phase}")
-            return
+            # Died between receiving bytes and recording them: we cannot tell how much
+            # of the stream it consumed, and a wrong guess would desynchronise it.
+            self._uncertain(conn, op, "died while receiving")
+
+    def _poisoned(self, conn: Connection) -> bool:
+        """A request in flight at a worker's death counts against its connection: three
+        within POISON_WINDOW close it (a request that kills whoever serves it)."""
+        now = time.monotonic()
+        conn.deaths = [t for t in conn.deaths if now - t < POISON_WINDOW] + [now]
+        if len(conn.deaths) < POISON_DEATHS:
+            return False
+        self.counters["poison_closed"] += 1
+        self.log.warning(
+            "poison connection closed",
+            export=conn.export,
+            conn=conn.id,
+            deaths=len(conn.deaths),
+            window_s=POISON_WINDOW,
+        )
+        self._close_connection(conn, "poison")
+        return True
+
+    def _hand_on(self, conn: Connection, op: str | None, outcome: str) -> None:
         self.counters["recoveries"] += 1
         self.log.warning("crash recovery", export=conn.export, conn=conn.id, op=op, outcome=outcome)
         pool = self.pools.get(conn.export)
@@ -920,6 +938,28 @@ class Master:
             self._close_connection(conn, "export removed")
             return
         pool.pending.appendleft(conn)
+        self._dispatch(pool)
+
+    def _await_next_request(self, conn: Connection, op: str | None) -> None:
+        """The worker died sending a reply that is no longer queued: either it never
+        left, or the guest read it already. A guest that read it soon sends its next
+        request; one still waiting never will. Wait a moment for the difference."""
+        self._undecided[conn.id] = (conn, op, time.monotonic() + REPLY_VERDICT_WAIT)
+        self.selector.register(
+            conn.sock, selectors.EVENT_READ, lambda sock, conn=conn: self._reply_was_read(conn)
+        )
+
+    def _reply_was_read(self, conn: Connection) -> None:
+        _, op, _ = self._undecided.pop(conn.id)
+        self.selector.unregister(conn.sock)
+        self._hand_on(conn, op, "reply had been sent")  # a next request, or EOF: both fine
+
+    def _judge_undecided(self, now: float) -> None:
+        for conn_id, (conn, op, deadline) in list(self._undecided.items()):
+            if now >= deadline or self.stop_deadline is not None:
+                del self._undecided[conn_id]
+                self.selector.unregister(conn.sock)
+                self._uncertain(conn, op, "died sending a reply; the guest sent nothing since")
 
     def _uncertain(self, conn: Connection, op: str | None, detail: str) -> None:
         self.counters["uncertain_closed"] += 1

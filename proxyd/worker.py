@@ -262,18 +262,24 @@ class Server:
             else:
                 fields[slot.PHASE] = slot.REPLY_READY
                 sendall(result if err == 0 else p.encode_error(err))
-            if audit or (err and self._refusal):
-                self._audit(code, payload, err, started, audit)
+            logged = audit or (err and self._refusal)
 
-            # Back to a request boundary. Clear the header before saying RECEIVING,
-            # so that a header the master finds there was really just received.
+            # Back to a request boundary at once (the master's view of a death is
+            # exact again). Clear the header before saying RECEIVING, so that a header
+            # the master finds there was really just received. The audit line comes
+            # after: the payload is still in place, only the header was cleared.
             have -= end
             if have:  # a client that did not wait for its reply: keep the rest
+                if logged:
+                    self._audit(code, payload, err, started, audit)
+                    logged = False
                 buf[:have] = buf[end : end + have]
             else:
                 buf[:HEADER_SIZE] = _ZERO_HEADER
             fields[slot.HAVE] = have
             fields[slot.PHASE] = slot.RECEIVING
+            if logged:
+                self._audit(code, payload, err, started, audit)
 
     def _send_fd_reply(self, sock: socket.socket, fd: int | None, err: int) -> None:
         fields = self._slot.fields

@@ -23,6 +23,7 @@ from tests.daemon import Daemon, title, wait_until, write_config
 from tests.proxyclient import (
     CHECKOUT,
     LSTAT,
+    TRUNCATE,
     ConnectionClosed,
     ProxyClient,
     decode_stat,
@@ -259,19 +260,38 @@ def test_hung_request_is_killed_and_answered_eio(tmp_path: Path) -> None:
 
 
 def test_poison_connection_is_closed(tmp_path: Path) -> None:
+    """Three deaths with a request in flight close the connection; idle deaths do not."""
     with Daemon(tmp_path, [{"name": "a", "min_idle": 2}]) as d:
+        host_file = Path(d.exports["a"]["path"]) / "leased"
+        host_file.write_text("data")
         c = d.connect("a")
-        conn = None
-        for _ in range(3):
-            ok(c.lstat("/"))
-            conn = conn or last_conn(d)
+        ok(c.lstat("/"))
+        conn = last_conn(d)
+        for _ in range(2):  # deaths of an idle worker are not the connection's fault
             victim = d.serving_worker(conn)
-            time.sleep(0.1)  # idle at a request boundary: each death is a clean recovery
+            time.sleep(0.1)
             os.kill(victim, signal.SIGKILL)
-            time.sleep(0.3)
-        d.wait_event("poison connection closed", conn=conn)
-        with pytest.raises((ConnectionClosed, BrokenPipeError)):
-            c.lstat("/")
+            ok(c.lstat("/"))
+        old = signal.signal(signal.SIGIO, signal.SIG_IGN)  # the lease-break notice
+        try:
+            for death in range(1, 4):
+                # A read lease makes the worker's truncate() hang: a request in flight.
+                fd = os.open(host_file, os.O_RDONLY)
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+                victim = d.serving_worker(conn)
+                c.send_request(TRUNCATE, marshal("sq", "/leased", 0))
+                time.sleep(0.3)
+                os.kill(victim, signal.SIGKILL)
+                if death < 3:
+                    assert errno_of(c.recv_header_reply("status")) == errno.EIO
+                else:
+                    with pytest.raises(ConnectionClosed):
+                        c.recv_header_reply("status")
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+                os.close(fd)
+        finally:
+            signal.signal(signal.SIGIO, old)
+        d.wait_event("poison connection closed", conn=conn, deaths=3)
 
 
 def test_export_that_can_never_serve_exits_3(tmp_path: Path) -> None:
