@@ -36,7 +36,7 @@ from proxyd.worker import run_worker
 TICK = 0.25  # seconds between housekeeping rounds
 POISON_DEATHS = 3  # worker deaths within POISON_WINDOW that close a connection
 POISON_WINDOW = 60.0
-START_FAILURES_FATAL = 5  # consecutive "export cannot be served" starts before giving up
+START_FAILURES_FATAL = 5  # consecutive failed starts before the master gives up
 BACKOFF_MAX = 10.0
 PENDING_LIMIT = 64  # connections waiting in the master before the backlog takes over
 ABORT_GRACE = 2.0  # SIGABRT -> SIGKILL for a hung worker
@@ -866,8 +866,9 @@ class Master:
             retry_in_s=round(delay, 2),
             **how,
         )
-        never = os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_EXPORT
-        if never and pool.start_failures >= START_FAILURES_FATAL and self.stop_deadline is None:
+        # Five starts in a row that never got ready: the export cannot be served (the
+        # sandbox refuses it, or every start crashes), and spinning would hide that.
+        if pool.start_failures >= START_FAILURES_FATAL and self.stop_deadline is None:
             self.log.error(
                 "export cannot be served, giving up",
                 export=pool.config.name,

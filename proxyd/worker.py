@@ -214,27 +214,49 @@ class Server:
         return have
 
     def _loop(self, sock: socket.socket, stats: ConnectionStats) -> None:
+        # The hot path: names are locals, the common case (a whole request arriving in
+        # one piece) is one recv_into, and everything else falls back to _receive.
         buf, fields = self._slot.request, self._slot.fields
         handlers, audited = self._handlers, self._audited
+        n_codes = len(handlers)
         receive = self._receive
+        recv_into = sock.recv_into
         sendall = sock.sendall
         unpack_header = p.HEADER.unpack_from
         clock = time.perf_counter_ns
-        HEADER_SIZE = p.HEADER_SIZE  # noqa: N806 (a local for the hot loop)
-        have = fields[slot.HAVE]  # bytes already in the buffer: a handed-on request
+        HEADER_SIZE, MAX_PAYLOAD = p.HEADER_SIZE, p.MAX_PAYLOAD  # noqa: N806
+        PHASE, HAVE, SEQ, COMMAND, LOG_EPOCH = (  # noqa: N806
+            slot.PHASE,
+            slot.HAVE,
+            slot.SEQ,
+            slot.COMMAND,
+            slot.LOG_EPOCH,
+        )
+        RECEIVING, EXECUTING, REPLY_READY = slot.RECEIVING, slot.EXECUTING, slot.REPLY_READY  # noqa: N806
+        have = fields[HAVE]  # bytes already in the buffer: a handed-on request
         if have == 0:
             buf[:HEADER_SIZE] = _ZERO_HEADER
-        fields[slot.PHASE] = slot.RECEIVING
+        fields[PHASE] = RECEIVING
         seq = 0
         while True:
-            if have == 0 and (fields[slot.COMMAND] or fields[slot.LOG_EPOCH] != self.log_epoch):
-                self._on_command()
+            if have == 0:
+                if fields[COMMAND] or fields[LOG_EPOCH] != self.log_epoch:
+                    self._on_command()
+                try:
+                    have = recv_into(buf)
+                except BlockingIOError:  # SO_RCVTIMEO: a quiet connection's wake-up
+                    have = receive(sock, 0, HEADER_SIZE)
+                else:
+                    fields[HAVE] = have
+                if have == 0:
+                    return
             if have < HEADER_SIZE:
                 have = receive(sock, have, HEADER_SIZE)
                 if have == 0:
                     return
             code, size = unpack_header(buf)
-            p.check_header(code, size)
+            if size > MAX_PAYLOAD or code >= n_codes or handlers[code] is None:
+                p.check_header(code, size)  # raises, saying which
             end = HEADER_SIZE + size
             if have < end:
                 have = receive(sock, have, end)
@@ -243,8 +265,8 @@ class Server:
                     return
 
             seq += 1
-            fields[slot.SEQ] = seq
-            fields[slot.PHASE] = slot.EXECUTING
+            fields[SEQ] = seq
+            fields[PHASE] = EXECUTING
             stats.requests += 1
             payload = buf[HEADER_SIZE:end]
             audit = audited[code]
@@ -260,7 +282,7 @@ class Server:
             if code == p.T_OPEN or code == p.T_CREATE:
                 self._send_fd_reply(sock, result, err)
             else:
-                fields[slot.PHASE] = slot.REPLY_READY
+                fields[PHASE] = REPLY_READY
                 sendall(result if err == 0 else p.encode_error(err))
             logged = audit or (err and self._refusal)
 
@@ -276,8 +298,8 @@ class Server:
                 buf[:have] = buf[end : end + have]
             else:
                 buf[:HEADER_SIZE] = _ZERO_HEADER
-            fields[slot.HAVE] = have
-            fields[slot.PHASE] = slot.RECEIVING
+            fields[HAVE] = have
+            fields[PHASE] = RECEIVING
             if logged:
                 self._audit(code, payload, err, started, audit)
 

@@ -3,6 +3,13 @@
 # Everything under scratch/ is removed at the end; keep/ stays for the host to inspect
 # (see check_host_tree in tests/test_e2e_guest.py, which must agree with this file).
 #
+# Parameters: variables set by lines that tests/test_e2e_guest.py puts before this text.
+#   E2E_DIR=NAME    work in the sub-directory NAME of the share (created), not its top:
+#                   several guests can share one export.
+#   E2E_PAUSE=SECS  at each "pause NAME" below, print "GUEST-PAUSE NAME" and sleep SECS
+#                   without touching the share, so that the host can act (kill the worker
+#                   serving this guest) while no request is in flight. Unset: no pauses.
+#
 # What the guest cannot reach, so it is not here: xattrs (busybox has no setfattr/getfattr),
 # and opening device nodes or FIFOs on the server: the guest kernel opens those itself
 # (cat on a 9p char device 1:3 reads the guest's own /dev/null), so the server never sees it.
@@ -33,6 +40,18 @@ expect() {
     if [ "$got" = "$want" ]; then ok "$step"; else fail "$step" "'$*' gave '$got', want '$want'"; fi
 }
 
+# pause NAME: see E2E_PAUSE above. The host reacts to the line within milliseconds.
+pause() {
+    [ -n "${E2E_PAUSE:-}" ] || return 0
+    echo "GUEST-PAUSE $1"
+    sleep "$E2E_PAUSE"
+    echo "GUEST-RESUME $1"
+}
+
+if [ -n "${E2E_DIR:-}" ]; then
+    if mkdir -p "$E2E_DIR" && cd "$E2E_DIR"; then ok workdir; else fail workdir "$E2E_DIR"; fi
+    [ $failures -eq 0 ] || exit 1
+fi
 rm -rf keep scratch
 check mkdir mkdir keep scratch
 
@@ -56,6 +75,9 @@ dd if=/dev/urandom of=/tmp/big bs=1M count=8 status=none
 want=$(sha256sum </tmp/big)
 want=${want%% *}
 check big-write cp /tmp/big keep/big.bin
+# Held open across both pauses (QEMU holds the descriptor the server opened), read at the end.
+command exec 4<keep/hello.txt || fail hold-fd # "command": a failed exec must not end the shell
+pause kill-1
 got=$(sha256sum <keep/big.bin)
 got=${got%% *}
 if [ "$got" = "$want" ]; then ok big-read; else fail big-read "sha256 $got, want $want"; fi
@@ -67,7 +89,7 @@ if [ "$a" = "$b" ]; then ok big-read-middle; else fail big-read-middle "$b, want
 
 # A file that is still open keeps working after unlink (QEMU holds the server's fd).
 echo open >scratch/unlinked
-exec 3<scratch/unlinked
+command exec 3<scratch/unlinked || fail open-unlinked
 rm scratch/unlinked
 expect read-after-unlink open cat <&3
 exec 3<&-
@@ -79,9 +101,11 @@ expect mkdir-mode-stat 711 stat -c %a keep/dir711
 refuse mkdir-exists mkdir keep/dir711
 i=0
 while [ $i -lt 100 ]; do
-    : >scratch/d1/file-$i
+    # Not ":": a failed redirection of a special built-in would end this shell, silently.
+    true >scratch/d1/file-$i || fail readdir-create "file-$i"
     i=$((i + 1))
 done
+pause kill-2
 expect readdir-many 101 sh -c 'ls scratch/d1 | wc -l'
 long=$(printf 'n%.0s' $(seq 255)) # NAME_MAX
 check name-max touch "keep/$long"
@@ -161,6 +185,10 @@ check as-user su user1234 -c 'echo u >keep/shared/file && mkdir keep/shared/dir 
 for f in file dir link fifo; do
     expect as-user-owner-$f 1234:5678 stat -c %u:%g keep/shared/$f
 done
+
+expect read-held-fd "hello
+world" cat <&4
+exec 4<&-
 
 # statfs.
 check df df /mnt

@@ -12,7 +12,9 @@ import gzip
 import re
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,7 @@ class GuestResult:
     exit_status: int | None  # the workload's, None when it never ran to the end
     mounted: bool
     duration: float  # seconds, QEMU start to exit
+    mount_time: float | None  # seconds, QEMU start to GUEST-MOUNTED
     qemu_returncode: int | None
 
 
@@ -87,34 +90,51 @@ def _qemu_opt(value: str) -> str:
     return value.replace(",", ",,")  # a comma inside a QEMU option value is written twice
 
 
-def run_guest(
-    workload: str,
-    *,
-    socket_path: str | None = None,
-    sock_fd: int | None = None,
-    timeout: float = 180,
-) -> GuestResult:
-    """Boot the guest with ``workload`` as /workload.sh and the share on a proxy connection.
+class Guest:
+    """One running guest: QEMU started, its console read line by line in a thread.
 
     Give exactly one of ``socket_path`` (a listening server's socket, QEMU connects and unlinks
-    it) or ``sock_fd`` (our end of a connected socketpair, inherited by QEMU).
+    it) or ``sock_fd`` (our end of a connected socketpair, inherited by QEMU). ``on_line`` is
+    called from the reader thread with each console line (``\r\n`` folded) as it arrives, so a
+    test can act while the workload runs; ``wait()`` gives the result.
     """
-    if socket_path is not None and sock_fd is None:
-        fsdev = f"proxy,id=fs0,socket={_qemu_opt(socket_path)}"
-        pass_fds: tuple[int, ...] = ()
-    elif sock_fd is not None and socket_path is None:
-        fsdev = f"proxy,id=fs0,sock_fd={sock_fd}"
-        pass_fds = (sock_fd,)
-    else:
-        raise ValueError("give exactly one of socket_path and sock_fd")
-    images = ensure_guest_built()
 
-    # The kernel unpacks concatenated archives in turn, gzip members included, so the per-boot
-    # workload rides along as a second archive and the base image is never rebuilt for it.
-    extra = gzip.compress(_cpio_newc({"workload.sh": (0o755, workload.encode())}), mtime=0)
-    with tempfile.NamedTemporaryFile(prefix="guest-initrd-", suffix=".cpio.gz") as initrd:
-        initrd.write(images.initramfs.read_bytes() + extra)
-        initrd.flush()
+    def __init__(
+        self,
+        workload: str,
+        *,
+        socket_path: str | None = None,
+        sock_fd: int | None = None,
+        on_line: Callable[[str], None] | None = None,
+    ) -> None:
+        if socket_path is not None and sock_fd is None:
+            fsdev = f"proxy,id=fs0,socket={_qemu_opt(socket_path)}"
+            pass_fds: tuple[int, ...] = ()
+        elif sock_fd is not None and socket_path is None:
+            fsdev = f"proxy,id=fs0,sock_fd={sock_fd}"
+            pass_fds = (sock_fd,)
+        else:
+            raise ValueError("give exactly one of socket_path and sock_fd")
+        images = ensure_guest_built()
+        self._on_line = on_line
+        self._lines: list[str] = []
+        self._times: list[float] = []  # time.monotonic() at which each line arrived
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._eof = False
+        self.mounted_at: float | None = None  # time.monotonic() of GUEST-MOUNTED
+        self.ended = 0.0  # time.monotonic() of the console's end
+
+        # The kernel unpacks concatenated archives in turn, gzip members included, so the
+        # per-boot workload rides along as a second archive and the base image is never
+        # rebuilt for it.
+        extra = gzip.compress(_cpio_newc({"workload.sh": (0o755, workload.encode())}), mtime=0)
+        # Closed (deleted) by wait() or kill(), once QEMU is gone.
+        self._initrd = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            prefix="guest-initrd-", suffix=".cpio.gz"
+        )
+        self._initrd.write(images.initramfs.read_bytes() + extra)
+        self._initrd.flush()
         cmd = [
             QEMU,
             "-accel",
@@ -128,7 +148,7 @@ def run_guest(
             "-kernel",
             str(images.vmlinux),
             "-initrd",
-            initrd.name,
+            self._initrd.name,
             "-append",
             KERNEL_ARGS,
             "-fsdev",
@@ -136,32 +156,119 @@ def run_guest(
             "-device",
             "virtio-9p-pci,fsdev=fs0,mount_tag=share",
         ]
-        start = time.monotonic()
-        proc = subprocess.Popen(
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             pass_fds=pass_fds,
         )
-        try:
-            raw, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raw, _ = proc.communicate()
-            output = raw.decode(errors="replace").replace("\r\n", "\n")
-            raise GuestError(
-                f"guest did not finish within {timeout} s; QEMU killed. Output:\n{output}"
-            ) from None
-        duration = time.monotonic() - start
+        self._reader = threading.Thread(target=self._read, name=f"guest-{self.proc.pid}")
+        self._reader.start()
 
-    output = raw.decode(errors="replace").replace("\r\n", "\n")
-    # Not anchored at the line start: firmware escape codes may precede the first marker.
-    exit_match = re.search(r"GUEST-EXIT=(\d+)$", output, re.MULTILINE)
-    return GuestResult(
-        output=output,
-        exit_status=int(exit_match.group(1)) if exit_match else None,
-        mounted=re.search(r"GUEST-MOUNTED$", output, re.MULTILINE) is not None,
-        duration=duration,
-        qemu_returncode=proc.returncode,
-    )
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        try:
+            for raw in self.proc.stdout:
+                line = raw.decode(errors="replace").rstrip("\r\n")
+                now = time.monotonic()
+                with self._changed:
+                    if self.mounted_at is None and line.endswith("GUEST-MOUNTED"):
+                        self.mounted_at = now
+                    self._lines.append(line)
+                    self._times.append(now)
+                    self._changed.notify_all()
+                if self._on_line is not None:
+                    self._on_line(line)
+        finally:
+            with self._changed:
+                self.ended = time.monotonic()
+                self._eof = True
+                self._changed.notify_all()
+
+    def output(self) -> str:
+        """The console so far."""
+        with self._lock:
+            return self._joined()
+
+    def _joined(self) -> str:
+        return "\n".join(self._lines) + "\n"
+
+    def timeline(self) -> list[tuple[float, str]]:
+        """(seconds since QEMU started, line) for every console line so far."""
+        with self._lock:
+            return [
+                (t - self.started, line) for t, line in zip(self._times, self._lines, strict=True)
+            ]
+
+    def wait_for_line(self, pattern: str, timeout: float) -> re.Match[str]:
+        """The first console line matching the regex ``pattern`` (searched, not anchored)."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for line in self._lines[seen:]:
+                    if match := regex.search(line):
+                        return match
+                seen = len(self._lines)
+                left = deadline - time.monotonic()
+                if self._eof or left <= 0:
+                    why = "the guest stopped" if self._eof else f"not within {timeout} s"
+                    raise GuestError(
+                        f"no console line matches {pattern!r}: {why}\n{self._joined()}"
+                    )
+                self._changed.wait(left)
+
+    def wait(self, timeout: float = 180) -> GuestResult:
+        """Wait for QEMU to exit (kill it after ``timeout`` s from its start) and report."""
+        try:
+            self.proc.wait(timeout=max(0.0, self.started + timeout - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise GuestError(
+                f"guest did not finish within {timeout} s; QEMU killed. Output:\n{self.output()}"
+            ) from None
+        finally:
+            self._reader.join(10)
+            self._initrd.close()
+        duration = self.ended - self.started  # console EOF: QEMU is gone
+        output = self.output()
+        # Not anchored at the line start: firmware escape codes may precede the first marker.
+        exit_match = re.search(r"GUEST-EXIT=(\d+)$", output, re.MULTILINE)
+        return GuestResult(
+            output=output,
+            exit_status=int(exit_match.group(1)) if exit_match else None,
+            mounted=self.mounted_at is not None,
+            duration=duration,
+            mount_time=None if self.mounted_at is None else self.mounted_at - self.started,
+            qemu_returncode=self.proc.returncode,
+        )
+
+    def kill(self) -> None:
+        """Stop QEMU now (if it still runs) and release everything; idempotent."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._reader.join(10)
+        self._initrd.close()
+
+    def __enter__(self) -> Guest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def run_guest(
+    workload: str,
+    *,
+    socket_path: str | None = None,
+    sock_fd: int | None = None,
+    timeout: float = 180,
+    on_line: Callable[[str], None] | None = None,
+) -> GuestResult:
+    """Boot the guest with ``workload`` as /workload.sh, wait for it to power off, report."""
+    guest = Guest(workload, socket_path=socket_path, sock_fd=sock_fd, on_line=on_line)
+    return guest.wait(timeout)

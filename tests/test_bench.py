@@ -1,0 +1,47 @@
+"""The benchmark's smoke mode: every figure is produced (the values are not judged)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.proxyclient import CHECKOUT
+
+
+def test_bench_smoke_produces_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [sys.executable, str(CHECKOUT / "scripts" / "bench"), "--smoke", "--out", str(out)],
+        cwd=CHECKOUT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((out / "results.json").read_text())
+    assert set(figures["per_type"]) == {
+        "lstat",
+        "open",
+        "create+remove",
+        "mkdir+remove",
+        "readlink",
+        "lgetxattr",
+        "chmod",
+        "mixed",
+    }
+    for kinds in figures["per_type"].values():
+        for kind in ("proxyd", "reference"):
+            assert kinds[kind]["rtt_us"]["median"] > 0
+            assert kinds[kind]["cpu_us"]["median"] >= 0
+    assert set(figures["aggregate"]) == {"1", "4"}
+    assert all(v[k]["median"] > 0 for v in figures["aggregate"].values() for k in v)
+    assert set(figures["audit"]) == {"none", "mutations", "all"}
+    assert figures["crash"]["kills"] > 0 and figures["crash"]["median_ms"] > 0
+    assert figures["memory"]["1"]["worker_uss_mb"] > 0
+    assert figures["memory"]["reference_helper_rss_mb"] > 0
+    assert figures["guest"]["proxyd"]["median"] > 0 and figures["guest"]["reference"]["median"] > 0
+    report = (out / "results.md").read_text()
+    for heading in ("Per request type", "Aggregate", "Audit cost", "crash", "Memory", "guest"):
+        assert heading in report
