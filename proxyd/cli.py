@@ -35,7 +35,7 @@ def _running_pid(pidfile: str) -> int | None:
         with open(pidfile) as f:
             pid = int(f.read().strip() or 0)
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            alive = b"proxyd" in f.read()
+            alive = f.read().startswith(b"proxyd: master")
     except (OSError, ValueError):
         return None
     return pid if pid > 0 and alive else None
