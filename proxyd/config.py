@@ -54,6 +54,9 @@ class ExportConfig:
     min_idle: int = 1
     max_workers: int = 16
     max_connections_per_uid: int = 0  # live connections one peer uid may hold; 0: no limit
+    # (st_dev, st_ino) of the export when the configuration was read: a worker refuses
+    # to serve a path that has since been moved or replaced (by a symlink, say).
+    identity: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,38 @@ def _check_export(path: str, where: str) -> str:
     return os.path.abspath(path)
 
 
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _inside(path: str, directory: str) -> bool:
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def check_isolation(exports: tuple[ExportConfig, ...]) -> None:
+    """Exports must not overlap, and no socket may live inside an export.
+
+    A guest can rename and symlink anything in its export: with a nested export it
+    could swap the other's directory for a symlink to / (or move directories out
+    from under a `..` walk), and with a socket in its export it could swap the
+    socket for a symlink while the master re-binds it.
+    """
+    for a in exports:
+        for b in exports:
+            if a is not b and _inside(a.path, b.path):
+                raise ConfigError(
+                    f"export '{a.name}'.path '{a.path}' is inside export "
+                    f"'{b.name}' ('{b.path}'): exports must not overlap"
+                )
+            if b.socket is not None and _inside(os.path.dirname(b.socket), a.path):
+                raise ConfigError(
+                    f"export '{b.name}'.socket '{b.socket}' is inside export "
+                    f"'{a.name}' ('{a.path}'), where its guest could replace it"
+                )
+
+
 def _check_socket_path(path: str, where: str) -> str:
     path = os.path.abspath(path)
     if len(os.fsencode(path)) > SUN_PATH_MAX:
@@ -171,7 +206,9 @@ def _from_flags(args: argparse.Namespace) -> Config:
     if args.fd is not None:
         fd = _int("-f/--fd", args.fd)
         _check_fd(fd)
-        export = ExportConfig(name=name, path=path, socket=None, min_idle=1, max_workers=1)
+        export = ExportConfig(
+            name=name, path=path, socket=None, min_idle=1, max_workers=1, identity=_identity(path)
+        )
         return Config(exports=(export,), fd=fd, once=True, source=f"-p {path} -f {fd}")
     if args.uid is None or args.gid is None:
         raise ConfigError("-s/--socket needs the socket owner: -u UID and -g GID")
@@ -181,7 +218,9 @@ def _from_flags(args: argparse.Namespace) -> Config:
         socket=_check_socket_path(args.socket, "socket path"),
         socket_uid=_int("-u/--uid", args.uid),
         socket_gid=_int("-g/--gid", args.gid),
+        identity=_identity(path),
     )
+    check_isolation((export,))
     return Config(exports=(export,), once=args.once, source=f"-p {path} -s {export.socket}")
 
 
@@ -311,6 +350,7 @@ def _export_from_table(table: dict[str, Any], index: int) -> ExportConfig:
         min_idle=int(min_idle),
         max_workers=int(max_workers),
         max_connections_per_uid=per_uid,
+        identity=_identity(path),
     )
 
 
@@ -358,6 +398,7 @@ def load_file(path: str) -> Config:
     if not tables:
         raise ConfigError("config: no [[export]] table")
     exports = tuple(_export_from_table(t, i) for i, t in enumerate(tables))
+    check_isolation(exports)
     for attr in ("name", "socket"):
         seen: set[str] = set()
         for e in exports:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import shutil
 import socket
 import stat
+import tempfile
 from dataclasses import dataclass
 
 from proxyd.config import EXIT_SOCKET_IN_USE, EXIT_USAGE, ConfigError
@@ -73,31 +75,45 @@ class Listener:
 def bind(path: str, uid: int, gid: int, mode: int = 0o770, backlog: int = 16) -> Listener:
     """Listen on `path`, owned by uid:gid with `mode`, swapped in by one rename.
 
-    The socket is bound under a temporary name in the same directory and gets its
-    owner and mode before it appears under `path`, so no client ever sees it with
-    the wrong permissions, and a stale socket is replaced atomically.
+    The socket is bound in a private directory (mode 0700, root's) next to `path` and
+    gets its owner and mode there, where nobody else can replace it by a symlink to
+    some host file for us to chmod; then one rename puts it in place, so no client
+    ever sees it with the wrong permissions and a stale socket is replaced atomically.
     """
     directory = os.path.dirname(path) or "."
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    private = None
     try:
         os.makedirs(directory, mode=0o755, exist_ok=True)  # /run/proxyd is gone after a reboot
-        if os.path.lexists(temporary):
-            os.unlink(temporary)  # left by a crashed process with our pid
-        sock.bind(temporary)
-        try:
-            os.chmod(temporary, mode)
-            os.chown(temporary, uid, gid)
-            sock.listen(backlog)
-            st = os.lstat(temporary)
-            os.rename(temporary, path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        private = tempfile.mkdtemp(prefix=".proxyd-", dir=directory)
+        temporary = os.path.join(private, "s")
+        _bind_path(sock, private, temporary)
+        os.chmod(temporary, mode)
+        os.lchown(temporary, uid, gid)
+        sock.listen(backlog)
+        st = os.lstat(temporary)
+        os.rename(temporary, path)
     except OSError as e:
         sock.close()
         raise ConfigError(f"cannot listen on '{path}': {e.strerror}", EXIT_USAGE) from None
+    finally:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
     return Listener(sock, path, (st.st_dev, st.st_ino))
+
+
+def _bind_path(sock: socket.socket, directory: str, path: str) -> None:
+    """bind(2), relative to `directory` when the full path would not fit sun_path."""
+    if len(os.fsencode(path)) <= 107:
+        sock.bind(path)
+        return
+    cwd = os.open(".", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.chdir(directory)
+        sock.bind(os.path.basename(path))
+    finally:
+        os.fchdir(cwd)
+        os.close(cwd)
 
 
 class DirectoryWatcher:

@@ -115,10 +115,45 @@ def die_with_parent(sig: int) -> None:
     _prctl(PR_SET_PDEATHSIG, sig, "prctl(PR_SET_PDEATHSIG)")
 
 
-def confine_to_export(path: str) -> None:
-    """The process sees only the export: chroot into it and stand at its root."""
-    os.chroot(path)
-    os.chdir("/")
+CLONE_NEWNS = 0x00020000
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
+
+
+def make_device_nodes_inert(path: str) -> None:
+    """Device nodes in the export cannot be opened by this process, even as root, and
+    nothing in it can be executed: a private mount namespace where the export is
+    bound on itself nodev,nosuid,noexec. Guests still create device nodes (MKNOD is
+    part of the protocol); proxyd never opens them, and now a compromised worker
+    could not either."""
+    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    # Our mount changes stay ours: nothing propagates back to the host.
+    _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount(MS_PRIVATE)")
+    target = os.fsencode(path)
+    _check(_libc.mount(target, target, None, MS_BIND | MS_REC, None), "mount(MS_BIND)")
+    flags = MS_BIND | MS_REMOUNT | MS_NODEV | MS_NOSUID | MS_NOEXEC
+    _check(_libc.mount(None, target, None, flags, None), "mount(MS_REMOUNT)")
+
+
+def confine_to_export(path: str, identity: tuple[int, int] | None = None) -> None:
+    """The process sees only the export: chroot into it and stand at its root.
+
+    Through a descriptor, so that the directory checked is the directory confined
+    to: if the path now names another directory than the one configured (moved, or
+    replaced by a symlink), the worker refuses to serve it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if identity is not None and identity != (0, 0) and (st.st_dev, st.st_ino) != identity:
+            raise SandboxError(
+                f"{path} is no longer the directory configured "
+                "(moved or replaced since the configuration was read)"
+            )
+        os.fchdir(fd)
+        os.chroot(".")
+    finally:
+        os.close(fd)
 
 
 def create_with_requested_modes() -> None:
@@ -146,13 +181,16 @@ def keep_only_worker_capabilities(last_cap: int) -> None:
         )
 
 
-def enter_sandbox(export: str, seccomp: str = "kill") -> None:
+def enter_sandbox(
+    export: str, seccomp: str = "kill", identity: tuple[int, int] | None = None
+) -> None:
     """Apply every sandbox step, in order; raise SandboxError if any fails."""
     if os.geteuid() != 0:
         raise SandboxError("proxyd must run as root to chroot into the export")
     try:
         last_cap = _last_cap()  # /proc is out of reach once chrooted
-        confine_to_export(export)
+        make_device_nodes_inert(export)
+        confine_to_export(export, identity)
         create_with_requested_modes()
         forbid_new_privileges()
         keep_only_worker_capabilities(last_cap)

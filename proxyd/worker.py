@@ -537,7 +537,7 @@ def _worker(
     )
     logger = log.get(role="worker", export=export.name, worker=index)
     try:
-        privileges.enter_sandbox(export.path, config.seccomp)
+        privileges.enter_sandbox(export.path, config.seccomp, export.identity)
     except privileges.SandboxError as e:
         logger.error("export cannot be served", error=str(e))
         return EXIT_EXPORT

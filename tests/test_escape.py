@@ -1,0 +1,1232 @@
+"""Escape attempts against a real proxyd, the sandbox measured, the seccomp filter proven.
+
+The guest is untrusted: every request below is one a hostile guest could send. Before
+the attempts, canaries are planted OUTSIDE the export: a sibling directory and a file
+next to the export, and a directory with a file under /tmp at a known absolute path.
+Their content, mode, owner, size, link count, xattrs and all three times are recorded
+(atime set far in the past first, so that relatime records any read), and inotify
+watches them. After every attempt the canaries must be unchanged and unread, and
+nothing new may appear outside the export.
+
+Sections: `..` chains and absolute paths in every request; where `..` lands instead;
+symlinks; the export root; device nodes, FIFOs and sockets; setuid files and file
+capabilities; O_PATH; races from a second connection; nested exports and a socket
+inside an export (known escapes, marked xfail); capabilities read from /proc; seccomp
+exercised with gdb.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import itertools
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import Daemon, wait_until
+from tests.proxyclient import (
+    CHECKOUT,
+    ConnectionClosed,
+    ProxyClient,
+    Reply,
+    ServerHandle,
+    decode_q,
+    decode_stat,
+    decode_statfs,
+    errno_of,
+    start_server,
+)
+
+WORKER_CAPS = 0x80000DB  # CHOWN DAC_OVERRIDE FOWNER FSETID SETGID SETUID MKNOD
+OLD_ATIME_NS = 1_000_000_000 * 10**9  # 2001: any read under relatime moves it
+FAST = 2.0  # seconds: a refused special file must not take longer than this
+RACE_SECONDS = 2.0
+SYS_TRUNCATE = 76  # x86_64
+TOKEN = secrets.token_hex(6)  # in every canary's and every would-be escapee's name
+
+# --- inotify, through ctypes ---------------------------------------------------------
+
+IN_ACCESS, IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE, IN_CLOSE_NOWRITE, IN_OPEN = (
+    0x1,
+    0x2,
+    0x4,
+    0x8,
+    0x10,
+    0x20,
+)
+IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF = (
+    0x40,
+    0x80,
+    0x100,
+    0x200,
+    0x400,
+    0x800,
+)
+IN_ALL_EVENTS = 0xFFF
+IN_Q_OVERFLOW = 0x4000
+IN_IGNORED = 0x8000
+IN_ISDIR = 0x40000000
+_IN_NAMES = {
+    IN_ACCESS: "ACCESS",
+    IN_MODIFY: "MODIFY",
+    IN_ATTRIB: "ATTRIB",
+    IN_CLOSE_WRITE: "CLOSE_WRITE",
+    IN_CLOSE_NOWRITE: "CLOSE_NOWRITE",
+    IN_OPEN: "OPEN",
+    IN_MOVED_FROM: "MOVED_FROM",
+    IN_MOVED_TO: "MOVED_TO",
+    IN_CREATE: "CREATE",
+    IN_DELETE: "DELETE",
+    IN_DELETE_SELF: "DELETE_SELF",
+    IN_MOVE_SELF: "MOVE_SELF",
+    IN_Q_OVERFLOW: "Q_OVERFLOW",
+}
+_EVENT = struct.Struct("=iIII")  # wd, mask, cookie, len; then the name
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(frozen=True)
+class Event:
+    path: str  # the watched path
+    mask: int
+    name: str  # the child's name, "" for the watched object itself
+
+    def __str__(self) -> str:
+        kinds = "|".join(n for bit, n in _IN_NAMES.items() if self.mask & bit)
+        return f"{kinds} {os.path.join(self.path, self.name)}"
+
+
+class Inotify:
+    """What the kernel saw happen to some files: opens, reads, writes, changes."""
+
+    def __init__(self) -> None:
+        self.fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        assert self.fd >= 0, f"inotify_init1: {os.strerror(ctypes.get_errno())}"
+        self.paths: dict[int, str] = {}
+
+    def watch(self, path: Path | str, mask: int = IN_ALL_EVENTS) -> None:
+        wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
+        assert wd >= 0, f"inotify_add_watch {path}: {os.strerror(ctypes.get_errno())}"
+        self.paths[wd] = str(path)
+
+    def read(self) -> list[Event]:
+        events = []
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return events
+            offset = 0
+            while offset < len(data):
+                wd, mask, _cookie, size = _EVENT.unpack_from(data, offset)
+                name = data[offset + _EVENT.size : offset + _EVENT.size + size].rstrip(b"\0")
+                offset += _EVENT.size + size
+                if not mask & IN_IGNORED:
+                    events.append(Event(self.paths.get(wd, "?"), mask, os.fsdecode(name)))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+# --- canaries ------------------------------------------------------------------------
+
+_STAT_FIELDS = (
+    "st_mode",
+    "st_ino",
+    "st_dev",
+    "st_nlink",
+    "st_uid",
+    "st_gid",
+    "st_size",
+    "st_atime_ns",
+    "st_mtime_ns",
+    "st_ctime_ns",
+)
+# Harmless events on the export itself, seen from the directory that holds it.
+_EXPORT_ITSELF = IN_OPEN | IN_ACCESS | IN_CLOSE_NOWRITE | IN_CLOSE_WRITE | IN_ATTRIB | IN_MODIFY
+
+
+def _read_noatime(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOATIME)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _list_noatime(path: Path) -> list[str]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOATIME)
+    try:
+        return sorted(os.listdir(fd))
+    finally:
+        os.close(fd)
+
+
+def _stat_record(path: Path) -> dict[str, int]:
+    st = os.lstat(path)
+    return {name: getattr(st, name) for name in _STAT_FIELDS}
+
+
+@dataclass
+class Host:
+    """The export and the canaries around it.
+
+    tmp/host/export          the export (the worker's "/")
+    tmp/host/sibling/secret  a sibling directory of the export, with a file
+    tmp/host/host-file       a file next to the export
+    /tmp/proxyd-canary-<token>/secret, .../sub/   a known absolute host path
+    """
+
+    root: Path
+    token: str
+    export: Path = field(init=False)
+    sibling: Path = field(init=False)
+    host_file: Path = field(init=False)
+    canary_dir: Path = field(init=False)
+    files: list[Path] = field(init=False)
+    dirs: list[Path] = field(init=False)
+    baseline: dict[str, object] = field(init=False)
+    inotify: Inotify = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.export = self.root / "export"
+        self.sibling = self.root / "sibling"
+        self.host_file = self.root / "host-file"
+        self.canary_dir = Path(f"/tmp/proxyd-canary-{self.token}")
+        self.export.mkdir()
+        self.sibling.mkdir()
+        (self.canary_dir / "sub").mkdir(parents=True)
+        self.files = [self.sibling / "secret", self.host_file, self.canary_dir / "secret"]
+        for i, path in enumerate(self.files):
+            path.write_bytes(f"canary {i} {self.token}\n".encode())
+            os.chmod(path, 0o640)
+            os.setxattr(path, "user.canary", self.token.encode())
+        self.dirs = [self.root, self.sibling, self.canary_dir, self.canary_dir / "sub"]
+        for path in self.files + self.dirs:
+            st = os.lstat(path)
+            os.utime(path, ns=(OLD_ATIME_NS, st.st_mtime_ns), follow_symlinks=False)
+        self.inotify = Inotify()
+        for path in self.dirs:
+            self.inotify.watch(path)
+        self.baseline = self._snapshot()
+        self.inotify.read()  # our own reads in _snapshot
+
+    def _snapshot(self) -> dict[str, object]:
+        """Everything observable about the canaries, read without touching atime."""
+        snap: dict[str, object] = {}
+        for path in self.files + self.dirs:
+            snap[f"stat {path}"] = _stat_record(path)
+        for path in self.files:
+            snap[f"content {path}"] = _read_noatime(path)
+            snap[f"xattrs {path}"] = {
+                n: os.getxattr(path, n, follow_symlinks=False) for n in os.listxattr(path)
+            }
+        for path in self.dirs:
+            snap[f"entries {path}"] = _list_noatime(path)
+        snap["token names in / and /tmp"] = self._token_names()
+        return snap
+
+    def _token_names(self) -> list[str]:
+        """Host paths bearing our token: only the canary directory may."""
+        found = []
+        for top in ("/", "/tmp"):
+            found += [os.path.join(top, n) for n in os.listdir(top) if self.token in n]
+        return sorted(found)
+
+    def _suspicious_events(self) -> list[Event]:
+        events = []
+        for event in self.inotify.read():
+            # Requests on the export's root touch the export itself, which is fine.
+            harmless = not event.mask & ~(_EXPORT_ITSELF | IN_ISDIR)
+            if event.path == str(self.root) and event.name == "export" and harmless:
+                continue
+            events.append(event)
+        return events
+
+    def assert_untouched(self, attempt: str = "") -> None:
+        """The canaries were neither read, nor changed, nor joined by anything new."""
+        events = self._suspicious_events()  # before our own reads below add events
+        assert not events, f"{attempt}: inotify saw host files outside the export: " + "; ".join(
+            map(str, events)
+        )
+        now = self._snapshot()
+        self.inotify.read()  # our own reads in _snapshot
+        changed = [key for key in self.baseline if now[key] != self.baseline[key]]
+        assert not changed, f"{attempt}: canaries outside the export changed: " + "; ".join(
+            f"{key}: {self.baseline[key]!r} -> {now[key]!r}" for key in changed
+        )
+
+    def close(self) -> None:
+        self.inotify.close()
+        shutil.rmtree(self.canary_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
+    root = tmp_path_factory.mktemp("escape") / "host"
+    root.mkdir()
+    h = Host(root, TOKEN)
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def server(host: Host) -> Iterator[ServerHandle]:
+    with start_server("proxyd", host.export) as handle:
+        yield handle
+
+
+@pytest.fixture
+def client(server: ServerHandle) -> ProxyClient:
+    assert server.proc.poll() is None, f"proxyd is gone:\n{server.stderr[-3000:]}"
+    return server.client
+
+
+_work_ids = itertools.count()
+
+
+@pytest.fixture
+def work(host: Host) -> str:
+    """A fresh directory in the export for one test, as the guest names it ("/wN"),
+    holding a regular file "inside"."""
+    name = f"w{next(_work_ids)}"
+    (host.export / name).mkdir()
+    (host.export / name / "inside").write_text("inside")
+    return f"/{name}"
+
+
+def ups(host: Host) -> str:
+    """Enough "../" to climb from the export to the real root, had the chroot failed."""
+    return "../" * (len(host.export.parts) + 4)
+
+
+def close_fd(reply: Reply) -> None:
+    if reply.fd is not None:
+        os.close(reply.fd)
+
+
+def expect_errno(reply: Reply, err: int, attempt: str) -> None:
+    close_fd(reply)  # an unexpected success must not leak the descriptor
+    got = errno_of(reply)
+    assert got == err, (
+        f"{attempt}: expected {errno.errorcode[err]}, got "
+        f"{'success' if got == 0 else errno.errorcode.get(got, got)}"
+    )
+
+
+def expect_ok(reply: Reply, attempt: str) -> None:
+    err = errno_of(reply)
+    assert err == 0, f"{attempt}: expected success, got {errno.errorcode.get(err, err)}"
+
+
+def fd_target(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+# --- 1. `..` chains and absolute paths, in every request ----------------------------------
+
+
+def outward_forms(host: Host) -> dict[str, tuple[str, str]]:
+    """(directory, file) outside the export, spelled as a guest might try."""
+    canary = str(host.canary_dir).lstrip("/")
+    return {
+        "absolute": (str(host.canary_dir), f"{host.canary_dir}/secret"),
+        "dotdot-absolute": (f"/{ups(host)}{canary}", f"/{ups(host)}{canary}/secret"),
+        "dotdot-relative": (f"{ups(host)}{canary}", f"{ups(host)}{canary}/secret"),
+        "neighbour": ("/../sibling", "/../host-file"),
+    }
+
+
+FORMS = ("absolute", "dotdot-absolute", "dotdot-relative", "neighbour")
+E = f"esc-{TOKEN}"  # the name of anything an attempt would create
+
+# Each request, aimed at directory `d` / file `f` outside the export; `w` is the test's
+# own directory in the export (holding "inside").
+OUTWARD: dict[str, Callable[[ProxyClient, str, str, str], Reply]] = {
+    "lstat": lambda c, d, f, w: c.lstat(f),
+    "open-read": lambda c, d, f, w: c.open(f, os.O_RDONLY),
+    "open-write-trunc": lambda c, d, f, w: c.open(f, os.O_WRONLY | os.O_TRUNC),
+    "open-path": lambda c, d, f, w: c.open(f, os.O_PATH),
+    "open-dir": lambda c, d, f, w: c.open(d, os.O_RDONLY | os.O_DIRECTORY),
+    "create-new": lambda c, d, f, w: c.create(
+        f"{d}/{E}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644, 0, 0
+    ),
+    "create-existing": lambda c, d, f, w: c.create(
+        f, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644, 0, 0
+    ),
+    "mknod": lambda c, d, f, w: c.mknod(0, 0, f"{d}/{E}", stat.S_IFREG | 0o644, 0),
+    "mkdir": lambda c, d, f, w: c.mkdir(0, 0, f"{d}/{E}", 0o755),
+    "symlink-linkpath": lambda c, d, f, w: c.symlink(0, 0, "x", f"{d}/{E}"),
+    "link-src": lambda c, d, f, w: c.link(f, f"{w}/{E}"),
+    "link-dst": lambda c, d, f, w: c.link(f"{w}/inside", f"{d}/{E}"),
+    "rename-src": lambda c, d, f, w: c.rename(f, f"{w}/{E}"),
+    "rename-dst": lambda c, d, f, w: c.rename(f"{w}/inside", f"{d}/{E}"),
+    "remove": lambda c, d, f, w: c.remove(f),
+    "readlink": lambda c, d, f, w: c.readlink(f, 4096),
+    "statfs": lambda c, d, f, w: c.statfs(f),
+    "chmod": lambda c, d, f, w: c.chmod(f, 0o777),
+    "chown": lambda c, d, f, w: c.chown(f, 1000, 1000),
+    "truncate": lambda c, d, f, w: c.truncate(f, 0),
+    "utime": lambda c, d, f, w: c.utime(f, 0, 0, 0, 0),
+    "lsetxattr": lambda c, d, f, w: c.lsetxattr(f, "user.escaped", b"1"),
+    "lgetxattr": lambda c, d, f, w: c.lgetxattr(0, f, "user.canary"),
+    "llistxattr": lambda c, d, f, w: c.llistxattr(0, f),
+    "lremovexattr": lambda c, d, f, w: c.lremovexattr(f, "user.canary"),
+    "getversion": lambda c, d, f, w: c.getversion(f),
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("request_name", list(OUTWARD))
+def test_outward_paths_do_not_reach_the_host(
+    client: ProxyClient, host: Host, work: str, request_name: str, form: str
+) -> None:
+    directory, file = outward_forms(host)[form]
+    attempt = f"{request_name} on {form} path {file!r}"
+    reply = OUTWARD[request_name](client, directory, file, work)
+    if (request_name, form) == ("create-existing", "neighbour"):
+        # "/../host-file" is "/host-file" in the chroot: O_CREAT makes it there.
+        expect_ok(reply, attempt)
+        try:
+            assert fd_target(reply.fd) == f"{host.export}/host-file", f"{attempt}: went astray"
+        finally:
+            os.close(reply.fd)
+            os.unlink(host.export / "host-file")
+    else:
+        # Inside the chroot these paths name nothing: the export has no such entries.
+        expect_errno(reply, errno.ENOENT, attempt)
+    assert (host.export / work[1:] / "inside").exists(), f"{attempt}: moved the test's file"
+    host.assert_untouched(attempt)
+
+
+# --- 2. where `..` lands instead: the export's root ----------------------------------------
+
+
+@pytest.mark.parametrize("spelling", ["/..", "..", "/../../..", "dotdot-chain", "/w/../.."])
+def test_dotdot_stops_at_the_export_root(
+    client: ProxyClient, host: Host, work: str, spelling: str
+) -> None:
+    path = {"dotdot-chain": ups(host), "/w/../..": f"{work}/../../.."}.get(spelling, spelling)
+    reply = client.lstat(path)
+    expect_ok(reply, f"lstat {path!r}")
+    assert decode_stat(reply.data)["ino"] == host.export.stat().st_ino, (
+        f"lstat {path!r} is not the export's root: `..` climbed out of the chroot"
+    )
+    host.assert_untouched(f"lstat {path!r}")
+
+
+CREATIONS: dict[str, Callable[[ProxyClient, str, str], Reply]] = {
+    "create": lambda c, p, w: c.create(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644, 0, 0),
+    "mkdir": lambda c, p, w: c.mkdir(0, 0, p, 0o755),
+    "mknod": lambda c, p, w: c.mknod(0, 0, p, stat.S_IFIFO | 0o644, 0),
+    "symlink": lambda c, p, w: c.symlink(0, 0, "/../../etc/passwd", p),
+    "link": lambda c, p, w: c.link(f"{w}/inside", p),
+    "rename": lambda c, p, w: c.rename(f"{w}/inside", p),
+}
+
+
+@pytest.mark.parametrize("request_name", list(CREATIONS))
+def test_dotdot_creations_land_inside_the_export(
+    client: ProxyClient, host: Host, work: str, request_name: str
+) -> None:
+    name = f"{E}-{request_name}-{work[1:]}"
+    path = f"/{ups(host)}{name}"
+    reply = CREATIONS[request_name](client, path, work)
+    close_fd(reply)
+    expect_ok(reply, f"{request_name} {path!r}")
+    assert os.path.lexists(host.export / name), f"{request_name} {path!r}: not in the export"
+    assert not os.path.lexists(host.root / name), f"{request_name} {path!r}: beside the export"
+    assert not os.path.lexists(f"/{name}"), f"{request_name} {path!r}: created at the host's /"
+    host.assert_untouched(f"{request_name} {path!r}")
+
+
+def test_getversion_of_dotdot_is_the_export_roots(client: ProxyClient, host: Host) -> None:
+    reply = client.getversion(f"/{ups(host)}")
+    expect_ok(reply, "getversion of a `..` chain")
+    fd = os.open(host.export, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, 0x80087601, buf)  # FS_IOC_GETVERSION
+    finally:
+        os.close(fd)
+    expected = int.from_bytes(buf[:4], sys.byteorder)
+    assert decode_q(reply.data) == expected, "getversion of `..` reached another directory"
+    host.assert_untouched("getversion of a `..` chain")
+
+
+def test_statfs_of_dotdot_is_the_exports_filesystem(client: ProxyClient, host: Host) -> None:
+    reply = client.statfs(f"/{ups(host)}")
+    expect_ok(reply, "statfs of a `..` chain")
+    fsid = os.statvfs(host.export).f_fsid
+    got = decode_statfs(reply.data)
+    assert (got["fsid0"] & 0xFFFFFFFF | (got["fsid1"] & 0xFFFFFFFF) << 32) == fsid, (
+        "statfs of `..` reports another filesystem"
+    )
+    host.assert_untouched("statfs of a `..` chain")
+
+
+@pytest.mark.parametrize(
+    "path", ["/proc/self/exe", "/proc/self/root", "/proc/1/root", "/proc/self/cwd"]
+)
+def test_no_proc_inside_the_chroot(client: ProxyClient, host: Host, path: str) -> None:
+    expect_errno(client.readlink(path, 4096), errno.ENOENT, f"readlink {path}")
+    expect_errno(client.open(path, os.O_RDONLY), errno.ENOENT, f"open {path}")
+    host.assert_untouched(f"readlink {path}")
+
+
+def test_nul_in_a_path_is_refused(client: ProxyClient, host: Host, work: str) -> None:
+    path = f"{work}/inside\0/{ups(host)}{str(host.canary_dir).lstrip('/')}/secret"
+    expect_errno(client.open(path.encode(), os.O_RDONLY), errno.EINVAL, "open with a NUL")
+    host.assert_untouched("open with a NUL")
+
+
+def test_path_longer_than_path_max_is_refused(client: ProxyClient, host: Host) -> None:
+    path = "/" + "../" * 1400 + str(host.canary_dir).lstrip("/") + "/secret"
+    expect_errno(client.lstat(path), errno.ENAMETOOLONG, "lstat of a 4 KiB path")
+    host.assert_untouched("lstat of a 4 KiB path")
+
+
+# --- 3. symlinks ---------------------------------------------------------------------------
+
+
+def plant_decoy(host: Host, relative: str, content: bytes) -> Path:
+    """A file inside the export at the path a host path would have inside the chroot."""
+    decoy = host.export / relative.lstrip("/")
+    decoy.parent.mkdir(parents=True, exist_ok=True)
+    decoy.write_bytes(content)
+    return decoy
+
+
+def remove_decoys(host: Host) -> None:
+    shutil.rmtree(host.export / "tmp", ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "target_kind", ["absolute", "dotdot-relative", "dotdot-absolute", "neighbour"]
+)
+def test_outward_symlink_opens_nothing_outside(
+    client: ProxyClient, host: Host, work: str, target_kind: str
+) -> None:
+    _, target = outward_forms(host)[target_kind]
+    link = f"{work}/link"
+    expect_ok(client.symlink(0, 0, target, link), f"symlink -> {target!r}")
+    assert os.readlink(host.export / link[1:]) == target, "the link text was altered"
+    for flags in (os.O_RDONLY, os.O_RDWR, os.O_WRONLY | os.O_APPEND):
+        expect_errno(client.open(link, flags), errno.ENOENT, f"open({flags:#o}) via {target!r}")
+    expect_errno(client.getversion(link), errno.ENOENT, f"getversion via {target!r}")
+    expect_errno(client.truncate(link, 0), errno.ENOENT, f"truncate via {target!r}")
+    expect_errno(client.chmod(link, 0o777), errno.ENOENT, f"chmod via {target!r}")
+    expect_errno(client.statfs(link), errno.ENOENT, f"statfs via {target!r}")
+    host.assert_untouched(f"symlink to {target!r}")
+
+
+@pytest.mark.parametrize("target_kind", ["absolute", "dotdot-relative"])
+def test_outward_symlink_resolves_to_the_decoy_inside(
+    client: ProxyClient, host: Host, work: str, target_kind: str
+) -> None:
+    _, target = outward_forms(host)[target_kind]
+    decoy = plant_decoy(host, f"{host.canary_dir}/secret", b"decoy inside the export")
+    try:
+        link = f"{work}/link"
+        expect_ok(client.symlink(0, 0, target, link), f"symlink -> {target!r}")
+        reply = client.open(link, os.O_RDWR)
+        expect_ok(reply, f"open via {target!r}")
+        try:
+            assert os.fstat(reply.fd).st_ino == decoy.stat().st_ino, (
+                f"open via {target!r} is not the decoy: {fd_target(reply.fd)}"
+            )
+            assert os.pread(reply.fd, 100, 0) == b"decoy inside the export"
+        finally:
+            os.close(reply.fd)
+        expect_ok(client.chmod(link, 0o600), "chmod via the link")
+        expect_ok(client.truncate(link, 5), "truncate via the link")
+        assert decoy.stat().st_size == 5 and stat.S_IMODE(decoy.stat().st_mode) == 0o600
+    finally:
+        remove_decoys(host)
+    host.assert_untouched(f"open through a symlink to {target!r}")
+
+
+def test_dangling_outward_symlink_is_not_created_through(
+    client: ProxyClient, host: Host, work: str
+) -> None:
+    target = f"{host.canary_dir}/{E}-dangling"
+    expect_ok(client.symlink(0, 0, target, f"{work}/dangling"), "symlink")
+    reply = client.create(f"{work}/dangling", os.O_CREAT | os.O_WRONLY, 0o644, 0, 0)
+    expect_errno(reply, errno.ENOENT, "create through a dangling symlink to the host")
+    assert not os.path.lexists(target), "the host file was created"
+    host.assert_untouched("create through a dangling symlink")
+
+
+def test_chained_symlinks_stay_inside(client: ProxyClient, host: Host, work: str) -> None:
+    canary = str(host.canary_dir).lstrip("/")
+    expect_ok(client.symlink(0, 0, "b", f"{work}/a"), "symlink a")
+    expect_ok(client.symlink(0, 0, f"{work}/c", f"{work}/b"), "symlink b")
+    expect_ok(client.symlink(0, 0, f"../../{ups(host)}{canary}", f"{work}/c"), "symlink c")
+    via = f"{work}/a"
+    expect_errno(client.open(f"{via}/secret", os.O_RDONLY), errno.ENOENT, "open a/secret")
+    expect_errno(client.lstat(f"{via}/secret"), errno.ENOENT, "lstat a/secret")
+    expect_errno(client.chmod(f"{via}/secret", 0o777), errno.ENOENT, "chmod a/secret")
+    expect_errno(
+        client.create(f"{via}/{E}", os.O_CREAT | os.O_WRONLY, 0o644, 0, 0),
+        errno.ENOENT,
+        "create a/new",
+    )
+    expect_errno(client.mkdir(0, 0, f"{via}/{E}", 0o755), errno.ENOENT, "mkdir a/new")
+    expect_errno(client.rename(f"{work}/inside", f"{via}/{E}"), errno.ENOENT, "rename to a/")
+    expect_errno(client.link(f"{via}/secret", f"{work}/{E}"), errno.ENOENT, "link a/secret")
+    host.assert_untouched("chained symlinks")
+
+
+@pytest.mark.parametrize("target", ["/proc/self/root", "/proc/1/root", "/proc/self/cwd/.."])
+def test_symlink_to_proc_root_is_nothing(
+    client: ProxyClient, host: Host, work: str, target: str
+) -> None:
+    expect_ok(client.symlink(0, 0, target, f"{work}/proc"), f"symlink -> {target}")
+    through = f"{work}/proc{host.canary_dir}/secret"
+    expect_errno(client.open(through, os.O_RDONLY), errno.ENOENT, f"open via {target}")
+    expect_errno(client.lstat(through), errno.ENOENT, f"lstat via {target}")
+    expect_errno(client.truncate(through, 0), errno.ENOENT, f"truncate via {target}")
+    host.assert_untouched(f"symlink to {target}")
+
+
+LOOPED: dict[str, Callable[[ProxyClient, str], Reply]] = {
+    "open": lambda c, p: c.open(p, os.O_RDONLY),
+    "create": lambda c, p: c.create(p, os.O_CREAT | os.O_WRONLY, 0o644, 0, 0),
+    "getversion": lambda c, p: c.getversion(p),
+    "statfs": lambda c, p: c.statfs(p),
+    "truncate": lambda c, p: c.truncate(p, 0),
+    "chmod": lambda c, p: c.chmod(p, 0o777),
+    "lstat-through": lambda c, p: c.lstat(f"{p}/x"),
+    "mkdir-through": lambda c, p: c.mkdir(0, 0, f"{p}/x", 0o755),
+}
+
+
+@pytest.mark.parametrize("request_name", list(LOOPED))
+def test_looping_symlinks_give_eloop(
+    client: ProxyClient, host: Host, work: str, request_name: str
+) -> None:
+    expect_ok(client.symlink(0, 0, "loop2", f"{work}/loop1"), "symlink loop1")
+    expect_ok(client.symlink(0, 0, f"{work}/loop1", f"{work}/loop2"), "symlink loop2")
+    started = time.monotonic()
+    reply = LOOPED[request_name](client, f"{work}/loop1")
+    expect_errno(reply, errno.ELOOP, f"{request_name} on a symlink loop")
+    assert time.monotonic() - started < FAST, f"{request_name} on a loop took too long"
+    host.assert_untouched(f"{request_name} on a symlink loop")
+
+
+# --- 4. the export root --------------------------------------------------------------------
+
+ROOT_ATTACKS: dict[str, tuple[Callable[[ProxyClient, str], Reply], int]] = {
+    "rename /": (lambda c, w: c.rename("/", f"{w}/{E}"), errno.EBUSY),
+    "rename onto /": (lambda c, w: c.rename(f"{w}/inside", "/"), errno.EBUSY),
+    "rename /..": (lambda c, w: c.rename("/..", f"{w}/{E}"), errno.EBUSY),
+    "rename w/../..": (lambda c, w: c.rename(f"{w}/../..", f"{w}/{E}"), errno.EBUSY),
+    "remove /": (lambda c, w: c.remove("/"), errno.EBUSY),
+    "remove .": (lambda c, w: c.remove("."), errno.EINVAL),
+    "remove ..": (lambda c, w: c.remove(".."), errno.ENOTEMPTY),
+    "remove /..": (lambda c, w: c.remove("/.."), errno.ENOTEMPTY),
+    "link /": (lambda c, w: c.link("/", f"{w}/{E}"), errno.EPERM),
+    "mkdir ..": (lambda c, w: c.mkdir(0, 0, "..", 0o755), errno.EEXIST),
+}
+
+
+@pytest.mark.parametrize("attack", list(ROOT_ATTACKS))
+def test_the_export_root_cannot_be_moved_or_removed(
+    client: ProxyClient, host: Host, work: str, attack: str
+) -> None:
+    before = host.export.stat().st_ino
+    request, err = ROOT_ATTACKS[attack]
+    expect_errno(request(client, work), err, attack)
+    assert host.export.stat().st_ino == before, f"{attack}: the export root changed"
+    host.assert_untouched(attack)
+
+
+# --- 5. device nodes, FIFOs, sockets ---------------------------------------------------------
+
+
+def root_disk() -> tuple[int, int]:
+    """major:minor of the block device holding the host's /."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == "/":
+            major, minor = fields[2].split(":")
+            return int(major), int(minor)
+    dev = os.stat("/").st_dev
+    return os.major(dev), os.minor(dev)
+
+
+DEVICES = {
+    "root-disk": (stat.S_IFBLK, root_disk()),
+    "mem": (stat.S_IFCHR, (1, 1)),
+    "kmem": (stat.S_IFCHR, (1, 2)),
+    "port": (stat.S_IFCHR, (1, 4)),
+    "null": (stat.S_IFCHR, (1, 3)),  # opens for anyone: an open would surely be seen
+}
+DEVICE_REQUESTS: dict[str, tuple[Callable[[ProxyClient, str], Reply], int]] = {
+    "open-read": (lambda c, p: c.open(p, os.O_RDONLY), errno.ENXIO),
+    "open-rdwr": (lambda c, p: c.open(p, os.O_RDWR), errno.ENXIO),
+    "open-nonblock": (lambda c, p: c.open(p, os.O_RDONLY | os.O_NONBLOCK), errno.ENXIO),
+    "open-path": (lambda c, p: c.open(p, os.O_PATH), errno.ENXIO),
+    "create-existing": (
+        lambda c, p: c.create(p, os.O_CREAT | os.O_RDWR, 0o600, 0, 0),
+        errno.ENXIO,
+    ),
+    "getversion": (lambda c, p: c.getversion(p), errno.ENXIO),
+    "truncate": (lambda c, p: c.truncate(p, 0), errno.EINVAL),
+    "readlink": (lambda c, p: c.readlink(p, 4096), errno.EINVAL),
+    "chmod": (lambda c, p: c.chmod(p, 0o666), 0),
+}
+# What would show that the node itself was opened, read or written.
+_NODE_USED = IN_OPEN | IN_ACCESS | IN_MODIFY | IN_CLOSE_WRITE | IN_CLOSE_NOWRITE
+
+
+@pytest.mark.parametrize("request_name", list(DEVICE_REQUESTS))
+@pytest.mark.parametrize("device", list(DEVICES))
+def test_device_nodes_are_never_opened(
+    client: ProxyClient, host: Host, work: str, device: str, request_name: str
+) -> None:
+    kind, (major, minor) = DEVICES[device]
+    node = f"{work}/{device}"
+    expect_ok(client.mknod(0, 0, node, kind | 0o600, os.makedev(major, minor)), "mknod")
+    st = os.lstat(host.export / node[1:])
+    assert (stat.S_IFMT(st.st_mode), st.st_rdev) == (kind, os.makedev(major, minor))
+    watcher = Inotify()
+    try:
+        watcher.watch(host.export / node[1:])  # follows the node's inode, not its name
+        request, err = DEVICE_REQUESTS[request_name]
+        started = time.monotonic()
+        reply = request(client, node)
+        took = time.monotonic() - started
+        if err:
+            expect_errno(reply, err, f"{request_name} of {device} {major}:{minor}")
+        else:
+            expect_ok(reply, f"{request_name} of {device}")
+        assert took < FAST, f"{request_name} of {device} took {took:.1f} s"
+        used = [e for e in watcher.read() if e.mask & _NODE_USED]
+        assert not used, f"{request_name} of {device}: the node was opened: {used}"
+    finally:
+        watcher.close()
+    host.assert_untouched(f"{request_name} of a {device} node")
+
+
+def test_inotify_would_see_a_device_open(client: ProxyClient, host: Host, work: str) -> None:
+    """The control for the test above: opening the node is visible to the watch."""
+    node = f"{work}/null"
+    expect_ok(client.mknod(0, 0, node, stat.S_IFCHR | 0o600, os.makedev(1, 3)), "mknod")
+    watcher = Inotify()
+    try:
+        watcher.watch(host.export / node[1:])
+        os.close(os.open(host.export / node[1:], os.O_RDONLY))
+        assert any(e.mask & IN_OPEN for e in watcher.read()), "inotify missed an open"
+    finally:
+        watcher.close()
+
+
+def test_symlink_to_a_device_node_is_refused(client: ProxyClient, host: Host, work: str) -> None:
+    major, minor = root_disk()
+    expect_ok(
+        client.mknod(0, 0, f"{work}/disk", stat.S_IFBLK | 0o600, os.makedev(major, minor)), "mknod"
+    )
+    expect_ok(client.symlink(0, 0, "disk", f"{work}/link"), "symlink")
+    expect_errno(client.open(f"{work}/link", os.O_RDWR), errno.ENXIO, "open through a link")
+    expect_errno(client.getversion(f"{work}/link"), errno.ENXIO, "getversion through a link")
+    host.assert_untouched("device behind a symlink")
+
+
+SPECIALS = {"fifo": stat.S_IFIFO, "socket": stat.S_IFSOCK}
+SPECIAL_REQUESTS: dict[str, Callable[[ProxyClient, str], Reply]] = {
+    "open-read": lambda c, p: c.open(p, os.O_RDONLY),
+    "open-write": lambda c, p: c.open(p, os.O_WRONLY),
+    "open-rdwr": lambda c, p: c.open(p, os.O_RDWR),
+    "create-existing": lambda c, p: c.create(p, os.O_CREAT | os.O_WRONLY, 0o600, 0, 0),
+    "getversion": lambda c, p: c.getversion(p),
+}
+
+
+@pytest.mark.parametrize("request_name", list(SPECIAL_REQUESTS))
+@pytest.mark.parametrize("kind", list(SPECIALS))
+def test_fifos_and_sockets_give_enxio_without_hanging(
+    client: ProxyClient, host: Host, work: str, kind: str, request_name: str
+) -> None:
+    node = f"{work}/{kind}"
+    expect_ok(client.mknod(1000, 1000, node, SPECIALS[kind] | 0o666, 0), f"mknod {kind}")
+    watcher = Inotify()
+    try:
+        watcher.watch(host.export / node[1:])
+        started = time.monotonic()
+        reply = SPECIAL_REQUESTS[request_name](client, node)
+        took = time.monotonic() - started
+        expect_errno(reply, errno.ENXIO, f"{request_name} of a {kind}")
+        assert took < FAST, f"{request_name} of a {kind} took {took:.1f} s"
+        used = [e for e in watcher.read() if e.mask & _NODE_USED]
+        assert not used, f"{request_name} of a {kind}: it was opened: {used}"
+    finally:
+        watcher.close()
+    host.assert_untouched(f"{request_name} of a {kind}")
+
+
+# --- 6. setuid files and file capabilities ----------------------------------------------------
+# proxyd runs as root inside the export (as the reference does), so a guest CAN make a
+# setuid-root file there. These tests pin down what the host gets and that it stays in the
+# export: an export on a filesystem mounted without nosuid is exposed to it.
+
+
+def test_setuid_file_created_as_a_guest_user(client: ProxyClient, host: Host, work: str) -> None:
+    reply = client.create(f"{work}/suid", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o4755, 1000, 1000)
+    expect_ok(reply, "create 04755 as uid 1000")
+    os.close(reply.fd)
+    st = os.lstat(host.export / work[1:] / "suid")
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (1000, 0o4755), (
+        f"setuid file on the host is uid {st.st_uid} mode {stat.S_IMODE(st.st_mode):o}"
+    )
+    host.assert_untouched("setuid create")
+
+
+def test_setuid_root_file_via_chmod_and_chown(client: ProxyClient, host: Host, work: str) -> None:
+    path, on_host = f"{work}/tool", host.export / work[1:] / "tool"
+    reply = client.create(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o755, 1000, 1000)
+    expect_ok(reply, "create")
+    os.close(reply.fd)
+    expect_ok(client.chmod(path, 0o6755), "chmod 06755")
+    assert stat.S_IMODE(on_host.stat().st_mode) == 0o6755, "chmod 06755 did not stick"
+    expect_ok(client.chown(path, 0, 0), "chown 0:0")
+    st = on_host.stat()
+    # The kernel clears setuid/setgid on chown, even for root ...
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o755), oct(st.st_mode)
+    # ... but a chmod afterwards makes a setuid-root file inside the export.
+    expect_ok(client.chmod(path, 0o6755), "chmod 06755 after chown")
+    st = on_host.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o6755), oct(st.st_mode)
+    assert on_host.resolve().is_relative_to(host.export), "the setuid file left the export"
+    host.assert_untouched("setuid root via chmod/chown")
+
+
+@pytest.mark.parametrize(
+    "name", ["security.capability", "trusted.overlay.opaque", "security.evm", "security.ima"]
+)
+def test_privileged_xattrs_are_refused(
+    client: ProxyClient, host: Host, work: str, name: str
+) -> None:
+    # VFS_CAP_REVISION_2 granting CAP_SYS_ADMIN when executed: needs CAP_SETFCAP.
+    value = struct.pack("=IIIII", 0x02000000, 1 << 21, 0, 0, 0)
+    reply = client.lsetxattr(f"{work}/inside", name, value)
+    assert errno_of(reply) in (errno.EPERM, errno.EOPNOTSUPP), (
+        f"lsetxattr {name}: expected EPERM, got {errno_of(reply)}"
+    )
+    assert name not in os.listxattr(host.export / work[1:] / "inside")
+    host.assert_untouched(f"lsetxattr {name}")
+
+
+# --- 7. O_PATH ----------------------------------------------------------------------------------
+
+
+def test_o_path_descriptor_of_root_is_the_export(client: ProxyClient, host: Host) -> None:
+    reply = client.open(f"/{ups(host)}", os.O_PATH | os.O_DIRECTORY)
+    expect_ok(reply, "O_PATH open of a `..` chain")
+    try:
+        assert fd_target(reply.fd) == str(host.export), "the descriptor is not the export"
+    finally:
+        os.close(reply.fd)
+    host.assert_untouched("O_PATH of `..`")
+
+
+def test_o_path_nofollow_on_an_outward_symlink(client: ProxyClient, host: Host, work: str) -> None:
+    expect_ok(client.symlink(0, 0, str(host.canary_dir), f"{work}/out"), "symlink")
+    reply = client.open(f"{work}/out", os.O_PATH | os.O_NOFOLLOW)
+    expect_errno(reply, errno.ENXIO, "O_PATH|O_NOFOLLOW of a symlink")
+    reply = client.open(f"{work}/out", os.O_PATH | os.O_DIRECTORY)
+    expect_errno(reply, errno.ENOENT, "O_PATH|O_DIRECTORY through the symlink")
+    host.assert_untouched("O_PATH of an outward symlink")
+
+
+@pytest.mark.parametrize("flags", [os.O_TMPFILE | os.O_RDWR, os.O_CREAT | os.O_RDWR])
+def test_open_cannot_create(client: ProxyClient, host: Host, work: str, flags: int) -> None:
+    expect_errno(client.open(work, flags), errno.EINVAL, f"open({flags:#o})")
+    host.assert_untouched(f"open({flags:#o})")
+
+
+# --- 8. races from a second connection --------------------------------------------------------
+
+
+def race_daemon(tmp_path: Path, host: Host) -> Daemon:
+    return Daemon(tmp_path, [{"name": "race", "path": str(host.export), "min_idle": 2}])
+
+
+def swap_loop(swapper: ProxyClient, a: str, b: str, park: str, until: float) -> int:
+    """Exchange the entries `a` and `b` over and over with four RENAMEs."""
+    swaps = 0
+    while time.monotonic() < until:
+        swapper.rename(a, park)
+        swapper.rename(b, a)
+        swapper.rename(a, b)
+        swapper.rename(park, a)
+        swaps += 1
+    return swaps
+
+
+def test_directory_swapped_for_outward_symlink_race(tmp_path: Path, host: Host) -> None:
+    canary = str(host.canary_dir).lstrip("/")
+    race = host.export / "race"
+    race.mkdir()
+    (race / "d").mkdir()
+    (race / "d" / "secret").write_text("decoy")
+    with race_daemon(tmp_path, host) as d:
+        worker, swapper = d.connect("race"), d.connect("race")
+        expect_ok(swapper.symlink(0, 0, f"/{ups(host)}{canary}", "/race/s"), "symlink")
+        until = time.monotonic() + RACE_SECONDS
+        swaps: list[int] = []
+        thread = threading.Thread(
+            target=lambda: swaps.append(swap_loop(swapper, "/race/d", "/race/s", "/race/p", until))
+        )
+        thread.start()
+        attempts = 0
+        requests = [
+            lambda: worker.open("/race/d/secret", os.O_RDWR),
+            lambda: worker.create("/race/d/new", os.O_CREAT | os.O_WRONLY, 0o644, 0, 0),
+            lambda: worker.chmod("/race/d/secret", 0o640),
+            lambda: worker.truncate("/race/d/secret", 5),
+            lambda: worker.utime("/race/d/secret", 1, 0, 1, 0),
+            lambda: worker.lsetxattr("/race/d/secret", "user.race", b"1"),
+            lambda: worker.link("/race/d/secret", f"/race/l{attempts}"),
+            lambda: worker.mkdir(0, 0, "/race/d/sub", 0o755),
+            lambda: worker.getversion("/race/d/secret"),
+        ]
+        while time.monotonic() < until:
+            reply = requests[attempts % len(requests)]()
+            attempts += 1
+            if reply.fd is not None:
+                target = fd_target(reply.fd)
+                os.close(reply.fd)
+                assert target.startswith(f"{host.export}/"), f"race opened {target}"
+        thread.join()
+    print(f"directory/symlink swap race: {attempts} attempts, {swaps} swaps")
+    assert attempts >= 500, f"only {attempts} attempts in {RACE_SECONDS} s"
+    assert swaps and swaps[0] >= 100, f"only {swaps} swaps"
+    host.assert_untouched(f"directory/symlink swap race ({attempts} attempts, {swaps[0]} swaps)")
+
+
+def test_regular_file_swapped_for_device_race(tmp_path: Path, host: Host) -> None:
+    """The pre-open check and the open are two steps: a guest swapping a device node in
+    between gets the worker to run the device's open routine (O_NONBLOCK, then refused
+    on fstat). What must hold: no device descriptor ever reaches the client."""
+    race = host.export / "devrace"
+    race.mkdir()
+    (race / "f").write_text("regular")
+    os.mknod(race / "dev", stat.S_IFCHR | 0o600, os.makedev(1, 3))  # /dev/null: harmless
+    watcher = Inotify()
+    watcher.watch(race / "dev")
+    with race_daemon(tmp_path, host) as d:
+        worker, swapper = d.connect("race"), d.connect("race")
+        until = time.monotonic() + RACE_SECONDS
+        thread = threading.Thread(
+            target=swap_loop, args=(swapper, "/devrace/f", "/devrace/dev", "/devrace/p", until)
+        )
+        thread.start()
+        outcomes: dict[str, int] = {}
+        while time.monotonic() < until:
+            reply = worker.open("/devrace/f", os.O_RDONLY)
+            if reply.fd is not None:
+                mode = os.fstat(reply.fd).st_mode
+                os.close(reply.fd)
+                assert stat.S_ISREG(mode), f"the client got a descriptor of mode {mode:o}"
+            key = errno.errorcode.get(errno_of(reply), "ok")
+            outcomes[key] = outcomes.get(key, 0) + 1
+        thread.join()
+    opened = sum(1 for e in watcher.read() if e.mask & IN_OPEN)
+    watcher.close()
+    print(f"device swap race: {outcomes}; the device was opened {opened} times")
+    assert set(outcomes) <= {"ok", "ENXIO", "ENOENT"}, outcomes
+    host.assert_untouched("regular/device swap race")
+
+
+# --- 9. known escapes: nested exports, a socket inside an export ---------------------------------
+
+
+def outside_file(tmp_path: Path) -> Path:
+    secret = tmp_path / "outside-secret"
+    secret.write_text("host only")
+    os.chmod(secret, 0o600)
+    return secret
+
+
+def start_failure(tmp_path: Path, exports: list[dict]) -> subprocess.CompletedProcess:
+    config = tmp_path / "refused.toml"
+    lines = []
+    for e in exports:
+        lines += ["[[export]]"] + [f'{k} = "{v}"' for k, v in e.items()] + [""]
+    config.write_text("\n".join(lines))
+    return subprocess.run(
+        [sys.executable, "-m", "proxyd", "-n", "--config", str(config)],
+        cwd=CHECKOUT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_nested_exports_are_refused(tmp_path: Path) -> None:
+    """A guest of an enclosing export could swap the nested export's directory for a
+    symlink to / (its next worker would chroot there), or move directories out from
+    under a `..` walk of the nested export's worker: overlapping exports are refused."""
+    outer = tmp_path / "outer"
+    (outer / "inner").mkdir(parents=True)
+    for order in ((outer, outer / "inner"), (outer / "inner", outer)):
+        exports = [
+            {"name": f"e{i}", "path": str(p), "socket": str(tmp_path / f"{i}.sock")}
+            for i, p in enumerate(order)
+        ]
+        result = start_failure(tmp_path, exports)
+        assert result.returncode == 2, result.stderr
+        assert "exports must not overlap" in result.stderr
+
+
+def test_socket_inside_an_export_is_refused(tmp_path: Path) -> None:
+    """Its guest could replace the socket (or the master's temporary one) by a symlink."""
+    export = tmp_path / "export"
+    export.mkdir()
+    result = start_failure(
+        tmp_path, [{"name": "a", "path": str(export), "socket": str(export / "s.sock")}]
+    )
+    assert result.returncode == 2 and "where its guest could replace it" in result.stderr
+
+
+def test_export_replaced_by_a_symlink_is_not_served(tmp_path: Path) -> None:
+    """Workers chroot through a descriptor checked against the directory configured: an
+    export path swapped for a symlink to / after start is refused, never served."""
+    secret = outside_file(tmp_path)
+    export = tmp_path / "moving"
+    export.mkdir()
+    d = Daemon(tmp_path, [{"name": "m", "path": str(export), "min_idle": 0}])
+    try:
+        d.wait_event("export bound", export="m")
+        os.rename(export, tmp_path / "moved")
+        os.symlink("/", export)
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(d.exports["m"]["socket"])
+        client = ProxyClient(sock, timeout=20)
+        with pytest.raises((ConnectionClosed, BrokenPipeError, TimeoutError)):
+            client.lstat(str(secret))  # never answered from /
+        assert d.proc.wait(30) == 3
+        refusals = d.events("export cannot be served")
+        assert refusals and "no longer the directory configured" in refusals[0]["error"]
+    finally:
+        if export.is_symlink():
+            os.unlink(export)
+        d.stop()
+
+
+def test_master_binds_sockets_in_a_private_directory(tmp_path: Path) -> None:
+    """The master gives the socket its owner and mode where nobody else can swap it for
+    a symlink (a root chmod/chown by path would otherwise hit any host file)."""
+    secret = outside_file(tmp_path)
+    public = tmp_path / "public"
+    public.mkdir(mode=0o1777)
+    public.chmod(0o1777)
+    exports = [{"name": "a", "socket": str(public / "a.sock"), "socket_uid": 4321}]
+    with Daemon(tmp_path, exports) as d:
+        until = time.monotonic() + RACE_SECONDS
+        rebinds = 0
+        while time.monotonic() < until:
+            # An attacker with write access to the directory plants symlinks at every
+            # name it can see and guess; the master keeps re-binding.
+            for entry in list(public.iterdir()) + [public / f".a.sock.{d.proc.pid}.tmp"]:
+                if entry.name != "a.sock" and not entry.is_dir():
+                    with contextlib.suppress(OSError):
+                        entry.unlink()
+                        os.symlink(secret, entry)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(public / "a.sock")
+                rebinds += 1
+            time.sleep(0.002)
+        assert rebinds > 10
+    st = secret.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
+    assert not [e for e in public.iterdir() if e.name.startswith(".proxyd-")]
+
+
+# --- 10. least privilege, measured ---------------------------------------------------------------
+
+
+def status_fields(pid: int) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def assert_sandboxed(pid: int, export: Path, log_file: Path, role: str) -> None:
+    status = status_fields(pid)
+    for key in ("CapEff", "CapPrm", "CapBnd"):
+        assert int(status[key], 16) == WORKER_CAPS, f"{role} {pid}: {key} {status[key]}"
+    for key in ("CapInh", "CapAmb"):
+        assert int(status[key], 16) == 0, f"{role} {pid}: {key} {status[key]}"
+    assert status["NoNewPrivs"] == "1", f"{role} {pid}: NoNewPrivs {status['NoNewPrivs']}"
+    assert status["Seccomp"] == "2", f"{role} {pid}: Seccomp {status['Seccomp']} (2 = filter)"
+    assert status["Uid"].split() == ["0"] * 4, f"{role} {pid}: Uid {status['Uid']}"
+    assert os.readlink(f"/proc/{pid}/root") == str(export), f"{role} {pid}: root"
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        allowed = ("socket:", "/dev/null", f"{export}/", str(log_file))
+        assert target.startswith(allowed) or target == str(export), (
+            f"{role} {pid} holds fd {fd} -> {target}"
+        )
+
+
+def test_every_worker_is_sandboxed_idle_and_busy(tmp_path: Path) -> None:
+    export = tmp_path / "lp"
+    export.mkdir()
+    leased = export / "leased"
+    leased.write_text("data")
+    exports = [{"name": "lp", "path": str(export), "min_idle": 2, "max_workers": 4}]
+    with Daemon(tmp_path, exports) as d:
+        between, busy = d.connect("lp"), d.connect("lp")
+        expect_ok(between.lstat("/"), "lstat")
+        expect_ok(busy.lstat("/leased"), "lstat")
+
+        def settled() -> bool:  # 4 workers, each serving or idle (sandboxed), none starting
+            titles = d.worker_titles().values()
+            return len(titles) == 4 and all(" idle" in t or " conn=" in t for t in titles)
+
+        wait_until(settled, what="2 serving and 2 spare workers")
+        # A read lease makes truncate() block in the kernel: a worker busy mid-request.
+        old = signal.signal(signal.SIGIO, signal.SIG_IGN)
+        fd = os.open(leased, os.O_RDONLY)
+        replies: list[Reply] = []
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+            thread = threading.Thread(target=lambda: replies.append(busy.truncate("/leased", 0)))
+            thread.start()
+
+            def in_truncate() -> int | None:
+                for pid in d.workers():
+                    with contextlib.suppress(FileNotFoundError):
+                        syscall = Path(f"/proc/{pid}/syscall").read_text().split()
+                        if syscall and syscall[0] == str(SYS_TRUNCATE):
+                            return pid
+                return None
+
+            busy_pid = wait_until(in_truncate, what="a worker blocked in truncate")
+            titles = d.worker_titles()
+            assert sum(" idle" in t for t in titles.values()) == 2, titles
+            assert sum(" conn=" in t for t in titles.values()) == 2, titles
+            for pid, text in titles.items():
+                role = "busy worker" if pid == busy_pid else text
+                assert_sandboxed(pid, export, d.stderr_path, role)
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+            os.close(fd)
+            signal.signal(signal.SIGIO, old)
+        thread.join(10)
+        assert replies and replies[0].ok, f"the blocked truncate: {replies}"
+        master = d.proc.pid
+        assert os.readlink(f"/proc/{master}/root") == "/", "the master is chrooted"
+        held = [os.readlink(f"/proc/{master}/fd/{fd}") for fd in os.listdir(f"/proc/{master}/fd")]
+        inside = [t for t in held if t == str(export) or t.startswith(f"{export}/")]
+        assert not inside, f"the master holds export files: {inside}"
+
+
+# --- 11. seccomp, exercised with gdb -------------------------------------------------------------
+
+
+def gdb_call(pid: int, *expressions: str) -> tuple[list[int], str]:
+    """Make process `pid` evaluate each expression (a function call) under gdb; return
+    the printed values and gdb's whole output."""
+    gdb = shutil.which("gdb")
+    assert gdb, "gdb is needed (scripts/test installs it)"
+    argv = [gdb, "-nx", "-batch", "-iex", "set auto-load off", "-p", str(pid)]
+    for expression in expressions:
+        argv += ["-ex", f"print {expression}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    return [int(v) for v in re.findall(r"^\$\d+ = (-?\d+)", output, re.M)], output
+
+
+def serving_daemon(tmp_path: Path, **settings: str) -> tuple[Daemon, ProxyClient, int]:
+    """A daemon, a connected client and the pid of the worker serving it, idle."""
+    d = Daemon(tmp_path, [{"name": "sc", "min_idle": 1}], **settings)
+    try:
+        client = d.connect("sc")
+        expect_ok(client.mkdir(0, 0, "/d", 0o755), "mkdir")
+        victim = d.serving_worker(d.wait_event("connection accepted")[-1]["conn"])
+        wait_until(lambda: len(d.workers()) == 2, what="a spare worker")
+        time.sleep(0.1)  # let it reach its request boundary: idle, waiting for a request
+    except BaseException:
+        d.stop()
+        raise
+    return d, client, victim
+
+
+FORBIDDEN = {
+    "socket(AF_INET)": "(int)socket(2, 1, 0)",
+    "mount": '(int)mount("none", "/", "tmpfs", 0, 0)',
+    "ptrace": "(long)ptrace(0, 0, 0, 0)",
+}
+
+
+@pytest.mark.parametrize("call", list(FORBIDDEN))
+def test_forbidden_syscall_kills_only_that_worker(tmp_path: Path, call: str) -> None:
+    d, client, victim = serving_daemon(tmp_path)
+    with d:
+        others = [pid for pid in d.workers() if pid != victim]
+        _, output = gdb_call(victim, FORBIDDEN[call])
+        assert "SIGSYS" in output, f"{call}: the worker was not killed by SIGSYS:\n{output}"
+        died = d.wait_event("worker died", worker_pid=victim)
+        assert died[0].get("signal") == "SIGSYS", f"{call}: {died}"
+        d.wait_event("crash recovery", outcome="nothing was in flight")
+        expect_ok(client.lstat("/d"), f"the next request after {call}")  # transparent
+        assert victim not in d.workers(), f"{call}: the killed worker is still there"
+        assert all(os.path.exists(f"/proc/{pid}") for pid in others), (
+            f"{call}: another worker died too"
+        )
+        assert d.proc.poll() is None, f"{call}: the master died"
+
+
+def test_unix_socket_is_refused_without_killing(tmp_path: Path) -> None:
+    d, client, victim = serving_daemon(tmp_path)
+    with d:
+        values, output = gdb_call(victim, "(int)socket(1, 1, 0)", "(int)*__errno_location()")
+        assert values == [-1, errno.EACCES], f"socket(AF_UNIX) gave {values}:\n{output}"
+        assert os.path.exists(f"/proc/{victim}"), "socket(AF_UNIX) killed the worker"
+        expect_ok(client.lstat("/d"), "the next request")
+        assert d.serving_worker(d.events("connection accepted")[-1]["conn"]) == victim
+        assert not d.events("worker died")
+
+
+@pytest.mark.parametrize(
+    "call, expected",
+    [("socket(AF_INET)", "a descriptor"), ("mount", "EPERM (capabilities still hold)")],
+)
+def test_without_the_filter_the_same_call_runs(tmp_path: Path, call: str, expected: str) -> None:
+    d, client, victim = serving_daemon(tmp_path, seccomp="off")
+    with d:
+        assert status_fields(victim)["Seccomp"] == "0", "seccomp=off still filters"
+        values, output = gdb_call(victim, FORBIDDEN[call], "(int)*__errno_location()")
+        assert os.path.exists(f"/proc/{victim}"), f"{call} killed the unfiltered worker"
+        if call == "mount":
+            assert values == [-1, errno.EPERM], f"mount without seccomp gave {values}:\n{output}"
+        else:
+            assert values and values[0] >= 0, f"socket without seccomp gave {values}:\n{output}"
+            gdb_call(victim, f"(int)close({values[0]})")
+        expect_ok(client.lstat("/d"), "the next request")
+        assert not d.events("worker died"), f"{call} ({expected}): a worker died"
