@@ -270,6 +270,8 @@ class Server:
             stats.requests += 1
             payload = buf[HEADER_SIZE:end]
             audit = audited[code]
+            if audit == AUDIT_IF_WRITING:  # OPEN at "mutations": only when it writes
+                audit = AUDIT_ALWAYS if _open_writes(payload) else AUDIT_NEVER
             started = clock() if audit else 0
             try:
                 result = handlers[code](payload)
@@ -330,8 +332,6 @@ class Server:
             fields = audit_fields(code, payload)
         except p.MalformedRequest:
             fields = {"op": p.REQUESTS[code].name, "malformed": True}
-        if audit == AUDIT_IF_WRITING and not refusal and not fields.get("writing"):
-            return
         fields.pop("writing", None)
         fields["result"] = log.result_name(err)
         if started:
@@ -367,6 +367,21 @@ def _refusal_kind(e: Exception, readonly: bool) -> str | None:
 AUDIT_NEVER, AUDIT_ALWAYS, AUDIT_IF_WRITING = 0, 1, 2
 
 _WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+_U16 = struct.Struct("=H")
+_D = struct.Struct("=i")
+
+
+def _open_writes(payload: memoryview) -> bool:
+    """Whether an OPEN payload asks for writing (a malformed one counts as writing:
+    it gets its audit event)."""
+    if len(payload) < 2:
+        return True
+    (n,) = _U16.unpack_from(payload)
+    if len(payload) < 2 + n + 4:
+        return True
+    return bool(_D.unpack_from(payload, 2 + n)[0] & _WRITING)
 
 
 def audited_codes(audit: str) -> list[int]:
