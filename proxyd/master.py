@@ -40,6 +40,7 @@ START_FAILURES_FATAL = 5  # consecutive failed starts before the master gives up
 BACKOFF_MAX = 10.0
 PENDING_LIMIT = 64  # connections waiting in the master before the backlog takes over
 ABORT_GRACE = 2.0  # SIGABRT -> SIGKILL for a hung worker
+IDLE_TRIM = 30.0  # seconds an excess spare worker stays before it is retired
 REPLY_VERDICT_WAIT = 0.2  # seconds to wait for a guest's next request after an unclear death
 
 SIOCINQ = 0x541B
@@ -88,6 +89,7 @@ class Worker:
     watch_seq: int = -1  # hang detection: the request seen executing ...
     watch_since: float = 0.0  # ... since when
     aborted_at: float | None = None
+    idle_since: float = 0.0  # monotonic time it last became idle
 
 
 @dataclass(eq=False)
@@ -174,6 +176,7 @@ class Master:
         self.selector.register(self._watcher.fd, selectors.EVENT_READ, self._on_inotify)
         self._control = control_listener
         self._undecided: dict[int, tuple[Connection, str | None, float]] = {}
+        self._refusals: dict[tuple[str, int, str], tuple[float, int]] = {}
         self._control_clients: dict[socket.socket, tuple[bytearray, float]] = {}
         if control_listener is not None:
             control_listener.sock.setblocking(False)
@@ -348,6 +351,8 @@ class Master:
     def handle_ttou(self) -> None:
         for pool in self.pools.values():
             pool.min_idle = max(pool.min_idle - 1, 0)
+            spare = pool.spare(self.generation)
+            self._trim(pool, spare - pool.min_idle - len(pool.pending), at_once=True)
         self.log.info("spare workers", min_idle={n: p.min_idle for n, p in self.pools.items()})
 
     def handle_usr1(self) -> None:
@@ -513,23 +518,15 @@ class Master:
     def _admit(self, pool: Pool, sock: socket.socket) -> None:
         pid, uid, gid = _peer(sock)
         export = pool.config
+        reason = None
         if (export.allow_uids and uid not in export.allow_uids) or (
             export.allow_gids and gid not in export.allow_gids
         ):
-            self.counters["refused_peers"] += 1
-            self.log.warning(
-                "connection refused",
-                export=export.name,
-                peer_pid=pid,
-                peer_uid=uid,
-                peer_gid=gid,
-                reason="not in allow_uids/allow_gids",
-            )
-            sock.close()
-            return
+            reason = "not in allow_uids/allow_gids"
         limit = export.max_connections_per_uid
         if (
-            limit
+            reason is None
+            and limit
             and sum(
                 1
                 for c in self.connections.values()
@@ -537,15 +534,10 @@ class Master:
             )
             >= limit
         ):
+            reason = f"peer uid already holds {limit} connections"
+        if reason is not None:
             self.counters["refused_peers"] += 1
-            self.log.warning(
-                "connection refused",
-                export=export.name,
-                peer_pid=pid,
-                peer_uid=uid,
-                peer_gid=gid,
-                reason=f"peer uid already holds {limit} connections",
-            )
+            self._log_refusal(export.name, pid, uid, gid, reason)
             sock.close()
             return
         conn = Connection(self.next_conn, sock, export.name, pid, uid, gid)
@@ -565,6 +557,26 @@ class Master:
                 self._close_listener(other)
         pool.pending.append(conn)
         self._dispatch(pool)
+
+    def _log_refusal(self, export: str, pid: int, uid: int, gid: int, reason: str) -> None:
+        """One warning per second per peer uid and reason: a peer hammering the socket
+        must not flood the log (the count of the ones left out is in `suppressed`)."""
+        key = (export, uid, reason)
+        now = time.monotonic()
+        last, suppressed = self._refusals.get(key, (0.0, 0))
+        if now - last < 1.0:
+            self._refusals[key] = (last, suppressed + 1)
+            return
+        self._refusals[key] = (now, 0)
+        self.log.warning(
+            "connection refused",
+            export=export,
+            peer_pid=pid,
+            peer_uid=uid,
+            peer_gid=gid,
+            reason=reason,
+            suppressed=suppressed,
+        )
 
     def _close_connection(self, conn: Connection, reason: str) -> None:
         self.connections.pop(conn.id, None)
@@ -618,13 +630,17 @@ class Master:
         self._trim(pool, spare - wanted)
         self._apply_backpressure(pool)
 
-    def _trim(self, pool: Pool, excess: int) -> None:
-        for w in list(pool.workers.values()):
-            if excess <= 0:
-                return
-            if w.state == "idle":
+    def _trim(self, pool: Pool, excess: int, at_once: bool = False) -> None:
+        """Retire spare workers beyond min_idle once they have been idle IDLE_TRIM
+        seconds: a worker that just finished a connection serves the next one instead
+        of being replaced by a fork."""
+        now = time.monotonic()
+        idle = sorted(
+            (w for w in pool.workers.values() if w.state == "idle"), key=lambda w: w.idle_since
+        )
+        for w in idle[: max(excess, 0)]:
+            if at_once or now - w.idle_since >= IDLE_TRIM:
                 self._retire(w)
-                excess -= 1
 
     def _apply_backpressure(self, pool: Pool) -> None:
         """Past PENDING_LIMIT waiting connections, stop accepting: the backlog holds them."""
@@ -776,6 +792,7 @@ class Master:
     def _worker_ready(self, w: Worker) -> None:
         if w.state == "starting":
             w.state = "idle"
+            w.idle_since = time.monotonic()
         w.pool.start_failures = 0
         self.log.info(
             "worker spawned",
@@ -810,6 +827,7 @@ class Master:
             return
         retiring = w.state == "retiring" or w.generation < self.generation
         w.state = "idle"
+        w.idle_since = time.monotonic()
         if retiring:
             self._retire(w)
         self._close_connection(conn, message.get("reason", "done"))  # may begin a stop

@@ -150,6 +150,8 @@ class Server:
         self._log = log
         self._slot = slot_ if slot_ is not None else Slot()
         self._stall_wakeups = max(1, round(request_timeout / WAKE_INTERVAL))
+        seconds = int(request_timeout)
+        self._send_timeval = struct.pack("@ll", seconds, int((request_timeout - seconds) * 1e6))
         self._audited = audited_codes(audit)
         self._readonly = readonly
         self._on_command = on_command or (lambda: None)
@@ -169,6 +171,8 @@ class Server:
         """
         stats = ConnectionStats()
         sock.setsockopt(_SOL_SOCKET, socket.SO_RCVTIMEO, _WAKE_TIMEVAL)
+        # A peer that stops reading its replies must not pin the worker for ever.
+        sock.setsockopt(_SOL_SOCKET, socket.SO_SNDTIMEO, self._send_timeval)
         try:
             self._loop(sock, stats)
         except _Released:
@@ -176,6 +180,9 @@ class Server:
         except _Stalled:
             stats.reason = "stalled"
             self._log.warning("peer stalled mid-request", have=self._slot.fields[slot.HAVE])
+        except BlockingIOError:  # SO_SNDTIMEO: a reply could not be sent for that long
+            stats.reason = "peer not reading"
+            self._log.warning("peer not reading its replies")
         except p.FatalProtocolError as e:
             stats.reason, stats.protocol_error = "protocol error", str(e)
             self._log.warning("protocol error", error=str(e))

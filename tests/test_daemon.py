@@ -76,7 +76,7 @@ def test_concurrent_clients_on_two_exports(tmp_path: Path) -> None:
         again = [d.connect("a") for _ in range(2)]
         for c in again:
             ok(c.lstat("/"))
-        assert len(d.events("worker spawned")) == spawned or len(d.workers()) <= 8
+        assert len(d.events("worker spawned")) == spawned  # no fork for them
 
 
 def test_max_workers_bounds_the_pool(tmp_path: Path) -> None:
