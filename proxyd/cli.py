@@ -108,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
             return audit.main(argv[1:])
         return control.main(argv)
     try:
-        return serve(parse_args(argv))
+        config = parse_args(argv)
+        if config.check_only:
+            names = ", ".join(e.name for e in config.exports)
+            print(f"proxyd: {config.source}: valid ({len(config.exports)} exports: {names})")
+            return 0
+        return serve(config)
     except ConfigError as e:
         print(f"proxyd: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -73,6 +73,7 @@ class Config:
     daemonize: bool = False
     pidfile: str | None = None
     once: bool = False  # serve one connection, then exit (the reference's behaviour)
+    check_only: bool = False  # --check: validate, report, exit
     fd: int | None = None  # -f: the one connection to serve
     source: str = "command line"  # the config file, for titles and logs
     path: str | None = field(default=None, compare=False)  # the config file to re-read
@@ -115,6 +116,11 @@ def _parser() -> argparse.ArgumentParser:
         "--pidfile", help="write the master's pid here (refuse to start if it is alive)"
     )
     ap.add_argument("--audit", choices=AUDIT_LEVELS, help="requests logged (default mutations)")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the command line and configuration, then exit",
+    )
     ap.add_argument("-V", "--version", action="version", version=f"proxyd {__version__}")
     return ap
 
@@ -442,7 +448,7 @@ def parse_args(argv: list[str]) -> Config:
         config = replace(config, once=args.once)
     else:
         config = _from_flags(args)
-    overrides: dict[str, Any] = {"daemonize": not args.nodaemon}
+    overrides: dict[str, Any] = {"daemonize": not args.nodaemon, "check_only": args.check}
     if args.log_format:
         overrides["log_format"] = args.log_format
     if args.log_level:

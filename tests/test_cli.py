@@ -266,3 +266,10 @@ def test_pidfile_is_written_and_guards_against_a_second_instance(
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert not pidfile.exists()
+
+
+def test_check_validates_and_exits(export: Path, tmp_path: Path) -> None:
+    ok = run("-p", str(export), "-s", str(tmp_path / "s.sock"), "-u", "0", "-g", "0", "--check")
+    assert ok.returncode == 0 and "valid (1 exports: export)" in ok.stdout
+    assert not (tmp_path / "s.sock").exists()  # nothing was bound
+    one_line_error(run("-p", str(export / "missing"), "-f", "0", "--check"), 3, "missing")
