@@ -14,6 +14,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import gc
 import hashlib
 import json
 import os
@@ -665,6 +666,9 @@ class Master:
         master_pid = os.getpid()
         # Block our signals across the fork: a signal reaching the child before it
         # resets its handlers must not be written into the master's wake-up pipe.
+        # Objects the master has now are the child's too: frozen, the child's garbage
+        # collector never walks (and so never copies) the pages they live on.
+        gc.freeze()
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
             pid = os.fork()
