@@ -31,6 +31,7 @@ Handler = Callable[[memoryview], Any]
 _SCM_RIGHTS = socket.SCM_RIGHTS
 _SOL_SOCKET = socket.SOL_SOCKET
 _ZERO_HEADER = bytes(p.HEADER_SIZE)
+_FD_VALID_BUFFERS = [p.FD_REPLY_VALID]
 
 
 def _data_or_length(value: int | bytes) -> bytes:
@@ -291,8 +292,10 @@ class Server:
             if code == p.T_OPEN or code == p.T_CREATE:
                 self._send_fd_reply(sock, result, err)
             else:
-                fields[PHASE] = REPLY_READY
-                sendall(result if err == 0 else p.encode_error(err))
+                if err:
+                    result = p.encode_error(err)
+                fields[PHASE] = REPLY_READY  # then at once the send: see _send_fd_reply
+                sendall(result)
             logged = audit or (err and self._refusal)
 
             # Back to a request boundary at once (the master's view of a death is
@@ -313,15 +316,19 @@ class Server:
                 self._audit(code, payload, err, started, audit)
 
     def _send_fd_reply(self, sock: socket.socket, fd: int | None, err: int) -> None:
+        # Everything is built before REPLY_READY is stored: from that store to the
+        # system call is the one window where the master cannot tell sent from unsent.
         fields = self._slot.fields
         if err:
+            reply = p.encode_fd_reply(-err)
             fields[slot.PHASE] = slot.REPLY_READY
-            sock.sendall(p.encode_fd_reply(-err))
+            sock.sendall(reply)
             return
         assert fd is not None
+        rights = [(_SOL_SOCKET, _SCM_RIGHTS, p.FD_REPLY.pack(fd))]
         try:
             fields[slot.PHASE] = slot.REPLY_READY
-            sock.sendmsg([p.FD_REPLY_VALID], [(_SOL_SOCKET, _SCM_RIGHTS, p.FD_REPLY.pack(fd))])
+            sock.sendmsg(_FD_VALID_BUFFERS, rights)
         finally:
             os.close(fd)  # the client has its own copy now (or none, if sending failed)
 

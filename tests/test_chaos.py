@@ -72,7 +72,8 @@ EXPORT = "chaos"
 CLIENTS = 8
 MIN_IDLE, MAX_WORKERS = 2, 12
 REQUEST_TIMEOUT = 5.0
-CHAOS_SECONDS = 35.0  # how long the clients run while the killer kills
+CHAOS_SECONDS = 60.0  # how long the clients run while the killer kills (~400 kills: enough
+# for the 99 % below to be a stable verdict, not a coin toss around 3 closes)
 MIN_REQUESTS = 2000  # per client: a few thousand verified requests at least
 SLOTS = 4  # final files per client, renamed over again and again
 KILL_EVERY = (0.1, 0.2)  # seconds between two kills
@@ -81,7 +82,7 @@ ROTATE_EVERY = (0.5, 1.5)  # seconds a client keeps one connection
 MAX_TRIES = 10  # uncertain answers in a row for one step before giving up
 MIN_KILLS = 100  # fewer kills would make the 99% below meaningless
 RECOVERED_SHARE = 0.99
-HARD_DEADLINE = 60.0  # seconds for the whole test, whatever happens
+HARD_DEADLINE = 90.0  # seconds for the whole test, whatever happens
 XATTR = "user.chaos"
 LINK_TARGET = "some/where/else"
 SUMMARY = CHECKOUT / "var" / "chaos-summary.json"
@@ -343,9 +344,15 @@ def fd_targets(pid: int) -> list[str]:
 
 
 def settled(d: Daemon) -> bool:
-    """The pool is back to its spare workers, all idle, none busy."""
+    """Every worker idle, none busy (excess idle workers stay 30 s before they go)."""
     titles = [title(pid) for pid in d.workers()]
-    return len(titles) == MIN_IDLE and all(t.endswith(" idle") for t in titles)
+    return len(titles) >= MIN_IDLE and all(t.endswith(" idle") for t in titles)
+
+
+def master_fds_beside_workers(d: Daemon) -> int:
+    """The master's descriptors other than its one channel per worker: what a
+    forgotten connection or channel would grow."""
+    return len(fd_targets(d.proc.pid)) - len(d.workers())
 
 
 def rss_kib(pid: int) -> dict[str, int]:
@@ -618,8 +625,9 @@ def test_chaos_kills_busy_workers_under_load(tmp_path: Path) -> None:
     try:
         warm_up(d)
         fds_before = fd_targets(d.proc.pid)
+        baseline = master_fds_beside_workers(d)
         reports, killer = run_clients(d, watchdog, seed, deadline)
-        after = after_the_run(d, len(fds_before), deadline)
+        after = after_the_run(d, baseline, deadline)
     finally:
         watchdog.cancel()
         exit_code = d.stop()
@@ -630,8 +638,8 @@ def test_chaos_kills_busy_workers_under_load(tmp_path: Path) -> None:
         watchdog_fired=watchdog.fired,
         clients_reported=len(reports),
         client_errors=[r["error"] for r in reports if r["error"]],
-        master_fds_baseline=len(fds_before),
-        master_fds_after=len(after["fds"]) if after else None,
+        master_fds_baseline=baseline,
+        master_fds_after=after["fds_beside_workers"] if after else None,
         master_fds_new=sorted((Counter(after["fds"]) - Counter(fds_before)).elements())
         if after
         else None,
@@ -667,12 +675,13 @@ def after_the_run(d: Daemon, fds_baseline: int, deadline: float) -> dict[str, An
     pid = d.proc.pid
     with contextlib.suppress(AssertionError):  # failures() reports the descriptors
         wait_until(
-            lambda: settled(d) and len(fd_targets(pid)) == fds_baseline,
+            lambda: settled(d) and master_fds_beside_workers(d) <= fds_baseline,
             max(1.0, min(10.0, deadline + 5 - time.monotonic())),
             "the pool and the master's descriptors to settle",
         )
     return {
         "fds": fd_targets(pid),
+        "fds_beside_workers": master_fds_beside_workers(d),
         "rss": {"master": rss_kib(pid), "workers": [rss_kib(w) for w in d.workers()]},
     }
 
@@ -729,7 +738,7 @@ def failures(s: dict[str, Any]) -> list[str]:
         f"clients saw {s['client_closes']} closes, the master closed {crash_closes} after crashes",
     )
     expect(
-        s["master_fds_after"] == s["master_fds_baseline"],
+        s["master_fds_after"] is not None and s["master_fds_after"] <= s["master_fds_baseline"],
         f"master descriptors {s['master_fds_baseline']} -> {s['master_fds_after']}: "
         f"new {s['master_fds_new']}",
     )
