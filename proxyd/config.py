@@ -284,6 +284,13 @@ def _kind_name(kind: type | tuple) -> str:
     return names.get(kind, kind.__name__)
 
 
+def _choice(daemon: dict[str, Any], key: str, choices: tuple[str, ...], default: str) -> str:
+    value = _typed(daemon, key, "daemon", str, default)
+    if value not in choices:
+        raise ConfigError(f"daemon.{key}: '{value}' is not one of {', '.join(choices)}")
+    return value
+
+
 def _id_list(table: dict[str, Any], key: str, where: str) -> tuple[int, ...]:
     values = _typed(table, key, where, list, [])
     for v in values:
@@ -373,16 +380,10 @@ def load_file(path: str) -> Config:
     daemon = _typed(data, "daemon", "config", dict, {})
     _unknown_keys(daemon, _DAEMON_KEYS, "daemon")
     control = _typed(daemon, "control_socket", "daemon", str, None)
-    log_format = _typed(daemon, "log_format", "daemon", str, "json")
-    if log_format not in FORMATS:
-        raise ConfigError(f"daemon.log_format: '{log_format}' is not one of {', '.join(FORMATS)}")
-    log_level = _typed(daemon, "log_level", "daemon", str, "info")
-    if log_level not in LEVELS:
-        raise ConfigError(f"daemon.log_level: '{log_level}' is not one of {', '.join(LEVELS)}")
+    log_format = _choice(daemon, "log_format", FORMATS, "json")
+    log_level = _choice(daemon, "log_level", LEVELS, "info")
     log_file = _typed(daemon, "log_file", "daemon", str, None)
-    audit = _typed(daemon, "audit", "daemon", str, "mutations")
-    if audit not in AUDIT_LEVELS:
-        raise ConfigError(f"daemon.audit: '{audit}' is not one of {', '.join(AUDIT_LEVELS)}")
+    audit = _choice(daemon, "audit", AUDIT_LEVELS, "mutations")
     stop_timeout = _in_range(
         _typed(daemon, "stop_timeout", "daemon", (int, float), 5.0),
         "stop_timeout",
@@ -397,9 +398,7 @@ def load_file(path: str) -> Config:
         0.5,
         86400,
     )
-    seccomp = _typed(daemon, "seccomp", "daemon", str, "kill")
-    if seccomp not in SECCOMP_MODES:
-        raise ConfigError(f"daemon.seccomp: '{seccomp}' is not one of {', '.join(SECCOMP_MODES)}")
+    seccomp = _choice(daemon, "seccomp", SECCOMP_MODES, "kill")
     tables = _typed(data, "export", "config", list, [])
     if not tables:
         raise ConfigError("config: no [[export]] table")
