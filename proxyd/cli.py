@@ -12,6 +12,7 @@ import sys
 from proxyd import control, listener, log
 from proxyd.config import EXIT_SOCKET_IN_USE, Config, ConfigError, parse_args
 from proxyd.master import Master
+from proxyd.title import set_title
 
 
 def daemonize() -> None:
@@ -87,6 +88,7 @@ def serve(config: Config) -> int:
     log.configure(config.log_format, config.log_level, to_syslog=to_syslog, fd=log_fd)
     for path in stale:
         log.get(role="master").info("stale socket replaced", socket=path)
+    set_title(f"master [{config.source}]")  # before the pidfile names this process
     if config.pidfile is not None:
         _write_pidfile(config.pidfile)
     try:

@@ -930,9 +930,16 @@ class Master:
                 self._hand_on(conn, op, "reply had been sent")
             else:
                 self._await_next_request(conn, op)
+        elif op is not None and size <= p.MAX_PAYLOAD and _queued(conn.sock, SIOCINQ) == 0:
+            # Died between a recv that returned and recording it (a kill that arrives
+            # while the recv is being woken up lands here). The header is in the buffer
+            # and nothing is left in the socket: a client that writes each request
+            # whole, as QEMU does, had its whole request consumed, and it is there.
+            conn.prefix = bytes(journal.request[: p.HEADER_SIZE + size])
+            self._hand_on(conn, op, "received request handed on")
         else:
-            # Died between receiving bytes and recording them: we cannot tell how much
-            # of the stream it consumed, and a wrong guess would desynchronise it.
+            # Part of the request may still be in the socket and part consumed: how
+            # much, we cannot tell, and a wrong guess would desynchronise the stream.
             self._uncertain(conn, op, "died while receiving")
 
     def _poisoned(self, conn: Connection) -> bool:
