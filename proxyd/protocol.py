@@ -298,10 +298,6 @@ DECODERS = {
 # --- encoding ------------------------------------------------------------------
 
 
-def encode_string(value: bytes) -> bytes:
-    return _U16.pack(len(value)) + value
-
-
 def encode_status(value: int) -> bytes:
     """Status reply: SUCCESS with a value >= 0, or ERROR with -errno."""
     return STATUS_REPLY.pack(T_ERROR if value < 0 else T_SUCCESS, 4, value)
@@ -310,13 +306,6 @@ def encode_status(value: int) -> bytes:
 def encode_error(err: int) -> bytes:
     """The failure form of a status or data reply."""
     return STATUS_REPLY.pack(T_ERROR, 4, -err)
-
-
-def encode_data(payload: bytes) -> bytes:
-    """Data reply; a payload the client's buffer cannot take becomes -ENOBUFS."""
-    if len(payload) > MAX_PAYLOAD:
-        return encode_error(errno.ENOBUFS)
-    return HEADER.pack(T_SUCCESS, len(payload)) + payload
 
 
 def encode_string_data(value: bytes) -> bytes:
@@ -371,10 +360,3 @@ def encode_statfs(fields: tuple[int, ...]) -> bytes:
 
 def encode_getversion(generation: int) -> bytes:
     return GETVERSION_REPLY.pack(T_SUCCESS, 8, generation)
-
-
-# --- requests, for clients and tests ---------------------------------------------
-
-
-def encode_request(code: int, payload: bytes) -> bytes:
-    return HEADER.pack(code, len(payload)) + payload

@@ -41,10 +41,6 @@ def _data_or_length(value: int | bytes) -> bytes:
     return p.encode_string_data(value)
 
 
-def _ok(_: None) -> bytes:
-    return _STATUS_OK
-
-
 _STATUS_OK = p.encode_status(0)
 
 
@@ -96,10 +92,6 @@ def request_handlers(ops: ExportOps) -> list[Handler | None]:
     table[p.T_LREMOVEXATTR] = status(p.decode_two_paths, ops.lremovexattr)
     table[p.T_GETVERSION] = data(p.decode_path, ops.getversion, p.encode_getversion)
     return table
-
-
-def _is_fd_reply(code: int) -> bool:
-    return code in (p.T_OPEN, p.T_CREATE)
 
 
 @dataclass
