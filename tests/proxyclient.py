@@ -47,6 +47,29 @@ SUCCESS, ERROR = 0, 1
     LREMOVEXATTR,
     GETVERSION,
 ) = range(2, 22)
+# The request names, in code order (lower case, as proxyd's audit events spell them).
+OP_NAMES = (
+    "open",
+    "create",
+    "mknod",
+    "mkdir",
+    "symlink",
+    "link",
+    "lstat",
+    "readlink",
+    "statfs",
+    "chmod",
+    "chown",
+    "truncate",
+    "utime",
+    "rename",
+    "remove",
+    "lgetxattr",
+    "llistxattr",
+    "lsetxattr",
+    "lremovexattr",
+    "getversion",
+)
 FD_VALID = 0x7FFFFFFF
 MAX_IO = 65536
 HEADER = struct.Struct("=II")
