@@ -1,11 +1,16 @@
 """The master: accepts connections and hands them to chrooted, pre-forked workers.
 
 One thread, one selector loop over the listening sockets, the workers' channels, the
-signal pipe and an inotify descriptor. Signal handlers do nothing but wake the loop
-(signal.set_wakeup_fd); each signal then has one method here. The master keeps its
-own copy of every live connection, so a worker's death costs the guest at most an
-EIO on the request in flight (see recover()), never its mount. It never touches a
-file of an export.
+signal pipe, an inotify descriptor and the control socket. Signal handlers do nothing
+but wake the loop (signal.set_wakeup_fd); each signal then has one method here. The
+master keeps its own copy of every live connection, so a worker's death costs the guest
+at most an EIO on the request in flight (proxyd/recovery.py), never its mount. It never
+touches a file of an export.
+
+Its state: `pools` (one per export: workers and waiting connections, proxyd/pool.py),
+`workers` (every live worker by pid), `connections` (every live connection by id),
+`generation` (bumped by each reload: workers of an older one are replaced at request
+boundaries), `counters`, and `stop_deadline` (set once a stop began).
 """
 
 from __future__ import annotations
@@ -13,39 +18,28 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import fcntl
 import gc
 import hashlib
-import json
 import os
 import selectors
 import signal
 import socket
 import struct
-import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
-from proxyd import __version__, channel, control, listener, log, slot
-from proxyd import protocol as p
+from proxyd import __version__, channel, listener, log, recovery, service, slot
 from proxyd.config import EXIT_EXPORT, EXIT_OK, Config, ConfigError, ExportConfig, load_file
+from proxyd.pool import BUSY, IDLE, RETIRING, STARTING, Connection, Pool, Worker
 from proxyd.slot import Slot
 from proxyd.title import set_title
 from proxyd.worker import run_worker
 
 TICK = 0.25  # seconds between housekeeping rounds
-POISON_DEATHS = 3  # worker deaths within POISON_WINDOW that close a connection
-POISON_WINDOW = 60.0
 START_FAILURES_FATAL = 5  # consecutive failed starts before the master gives up
-BACKOFF_MAX = 10.0
-PENDING_LIMIT = 64  # connections waiting in the master before the backlog takes over
 ABORT_GRACE = 2.0  # SIGABRT -> SIGKILL for a hung worker
-IDLE_TRIM = 30.0  # seconds an excess spare worker stays before it is retired
-REPLY_VERDICT_WAIT = 0.2  # seconds to wait for a guest's next request after an unclear death
-
-SIOCINQ = 0x541B
-SIOCOUTQ = 0x5411
+ACCEPT_BATCH = 16  # connections accepted per wake-up: one socket cannot starve the rest
 
 HANDLED_SIGNALS = (
     signal.SIGCHLD,
@@ -59,81 +53,8 @@ HANDLED_SIGNALS = (
 )
 
 
-@dataclass(eq=False)
-class Connection:
-    id: int
-    sock: socket.socket  # the master's own copy
-    export: str
-    peer_pid: int
-    peer_uid: int
-    peer_gid: int
-    accepted: float = field(default_factory=time.time)
-    requests: int = 0
-    errors: int = 0
-    deaths: list[float] = field(default_factory=list)
-    prefix: bytes = b""  # start of a request consumed by a worker that then died
-
-
-@dataclass(eq=False)
-class Worker:
-    pid: int
-    pool: Pool
-    index: int
-    generation: int
-    control: socket.socket
-    journal: Slot
-    started: float = field(default_factory=time.time)
-    state: str = "starting"  # starting, idle, busy, retiring
-    conn: Connection | None = None
-    connections: int = 0  # served so far
-    requests: int = 0
-    watch_seq: int = -1  # hang detection: the request seen executing ...
-    watch_since: float = 0.0  # ... since when
-    aborted_at: float | None = None
-    idle_since: float = 0.0  # monotonic time it last became idle
-
-
-@dataclass(eq=False)
-class Pool:
-    """The workers and waiting connections of one export."""
-
-    config: ExportConfig
-    min_idle: int
-    listener: listener.Listener | None = None
-    workers: dict[int, Worker] = field(default_factory=dict)
-    pending: collections.deque[Connection] = field(default_factory=collections.deque)
-    next_index: int = 0
-    start_failures: int = 0
-    next_start: float = 0.0
-    exhausted: bool = False
-    paused: bool = False
-    removed: bool = False
-
-    def live(self) -> int:
-        return len(self.workers)
-
-    def idle_worker(self, generation: int) -> Worker | None:
-        for w in self.workers.values():
-            if w.state == "idle" and w.generation == generation:
-                return w
-        return None
-
-    def spare(self, generation: int) -> int:
-        return sum(
-            1
-            for w in self.workers.values()
-            if w.state in ("idle", "starting") and w.generation == generation
-        )
-
-
 def _peer(sock: socket.socket) -> tuple[int, int, int]:
     return struct.unpack("=iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-
-
-def _queued(sock: socket.socket, request: int) -> int:
-    buf = bytearray(4)
-    fcntl.ioctl(sock.fileno(), request, buf)
-    return int.from_bytes(buf, sys.byteorder)
 
 
 def _digest(config: Config) -> str:
@@ -175,15 +96,14 @@ class Master:
         self._watcher = listener.DirectoryWatcher()
         self.selector.register(self._signal_r, selectors.EVENT_READ, self._on_signal)
         self.selector.register(self._watcher.fd, selectors.EVENT_READ, self._on_inotify)
-        self._control = control_listener
+        # Connections whose worker died sending a reply: (conn, op, deadline).
         self._undecided: dict[int, tuple[Connection, str | None, float]] = {}
         self._refusals: dict[tuple[str, int, str], tuple[float, int]] = {}
-        self._control_clients: dict[socket.socket, tuple[bytearray, float]] = {}
-        if control_listener is not None:
-            control_listener.sock.setblocking(False)
-            self.selector.register(
-                control_listener.sock, selectors.EVENT_READ, self._on_control_accept
-            )
+        self.control = (
+            service.ControlService(control_listener, self.selector, self._control_answer, self.log)
+            if control_listener is not None
+            else None
+        )
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -226,12 +146,11 @@ class Master:
                 self._rebind(pool)
             self._dispatch(pool)
         for w in list(self.workers.values()):
-            if w.state == "busy":
+            if w.state == BUSY:
                 self._watch_for_hang(w, now)
         self._judge_undecided(now)
-        for client, (_, deadline) in list(self._control_clients.items()):
-            if now > deadline:  # a client that never finished its request line
-                self._drop_control_client(client)
+        if self.control is not None:
+            self.control.expire(now)
 
     # --- signals: the handlers only wake the loop ----------------------------------------
 
@@ -246,17 +165,18 @@ class Master:
             data = os.read(self._signal_r, 512)
         except BlockingIOError:
             return
+        handlers = {
+            signal.SIGCHLD: self.handle_chld,
+            signal.SIGHUP: self.handle_hup,
+            signal.SIGTERM: self.handle_term,
+            signal.SIGINT: self.handle_term,
+            signal.SIGQUIT: self.handle_quit,
+            signal.SIGTTIN: self.handle_ttin,
+            signal.SIGTTOU: self.handle_ttou,
+            signal.SIGUSR1: self.handle_usr1,
+        }
         for signum in data:
-            method = {
-                signal.SIGCHLD: self.handle_chld,
-                signal.SIGHUP: self.handle_hup,
-                signal.SIGTERM: self.handle_term,
-                signal.SIGINT: self.handle_term,
-                signal.SIGQUIT: self.handle_quit,
-                signal.SIGTTIN: self.handle_ttin,
-                signal.SIGTTOU: self.handle_ttou,
-                signal.SIGUSR1: self.handle_usr1,
-            }.get(signum)
+            method = handlers.get(signum)
             if method is not None:
                 method()
 
@@ -345,15 +265,17 @@ class Master:
         return None
 
     def handle_ttin(self) -> None:
+        """One more spare worker per export."""
         for pool in self.pools.values():
             pool.min_idle = min(pool.min_idle + 1, pool.config.max_workers)
         self.log.info("spare workers", min_idle={n: p.min_idle for n, p in self.pools.items()})
 
     def handle_ttou(self) -> None:
+        """One fewer spare worker per export, retired at once."""
         for pool in self.pools.values():
             pool.min_idle = max(pool.min_idle - 1, 0)
-            spare = pool.spare(self.generation)
-            self._trim(pool, spare - pool.min_idle - len(pool.pending), at_once=True)
+            for w in pool.excess_idle(self.generation, time.monotonic(), at_once=True):
+                self._retire(w)
         self.log.info("spare workers", min_idle={n: p.min_idle for n, p in self.pools.items()})
 
     def handle_usr1(self) -> None:
@@ -416,7 +338,7 @@ class Master:
             self._close_connection(pool.pending.popleft(), "export removed")
         for w in list(pool.workers.values()):
             self._retire(w)
-        del self.pools[pool.config.name]
+        del self.pools[pool.name]
 
     def _bind(self, pool: Pool) -> None:
         export = pool.config
@@ -436,20 +358,24 @@ class Master:
     def _listen(self, pool: Pool) -> None:
         assert pool.listener is not None
         pool.listener.sock.setblocking(False)
+        self._accept_from(pool)
+        self._watcher.watch(os.path.dirname(pool.listener.path))
+        self.log.info(
+            "export bound",
+            export=pool.name,
+            socket=pool.listener.path,
+            path=pool.config.path,
+            readonly=pool.config.readonly,
+        )
+
+    def _accept_from(self, pool: Pool) -> None:
+        assert pool.listener is not None
         self.selector.register(
             pool.listener.sock,
             selectors.EVENT_READ,
             lambda sock, pool=pool: self._on_accept(pool, sock),
         )
         pool.paused = False
-        self._watcher.watch(os.path.dirname(pool.listener.path))
-        self.log.info(
-            "export bound",
-            export=pool.config.name,
-            socket=pool.listener.path,
-            path=pool.config.path,
-            readonly=pool.config.readonly,
-        )
 
     def _close_listener(self, pool: Pool, unlink: bool = True) -> None:
         if pool.listener is None:
@@ -477,7 +403,7 @@ class Master:
         self._on_accept(pool, old.sock, limit=None)
         old.close(unlink=False)
         self.counters["rebinds"] += 1
-        self.log.info("export socket re-bound", export=pool.config.name, socket=old.path)
+        self.log.info("export socket re-bound", export=pool.name, socket=old.path)
 
     def _on_inotify(self, _: Any) -> None:
         self._watcher.drain()
@@ -487,9 +413,9 @@ class Master:
 
     # --- connections ------------------------------------------------------------------------
 
-    def _on_accept(self, pool: Pool, sock: socket.socket, limit: int | None = 16) -> None:
+    def _on_accept(self, pool: Pool, sock: socket.socket, limit: int | None = ACCEPT_BATCH) -> None:
         accepted = 0
-        while limit is None or accepted < limit:  # bounded: one socket cannot starve the rest
+        while limit is None or accepted < limit:
             try:
                 conn, _ = sock.accept()
             except BlockingIOError:
@@ -498,7 +424,7 @@ class Master:
                 if e.errno in (errno.EMFILE, errno.ENFILE):
                     self._shed(sock)
                 else:
-                    self.log.error("accept failed", export=pool.config.name, error=e.strerror)
+                    self.log.error("accept failed", export=pool.name, error=e.strerror)
                 return
             accepted += 1
             self._admit(pool, conn)
@@ -516,38 +442,38 @@ class Master:
         self.counters["refused_no_fds"] += 1
         self.log.error("connection refused", reason="out of file descriptors")
 
-    def _admit(self, pool: Pool, sock: socket.socket) -> None:
-        pid, uid, gid = _peer(sock)
-        export = pool.config
-        reason = None
+    def _refusal_reason(self, export: ExportConfig, uid: int, gid: int) -> str | None:
+        """Why a peer may not use this export (allow-lists, per-uid limit), or None."""
         if (export.allow_uids and uid not in export.allow_uids) or (
             export.allow_gids and gid not in export.allow_gids
         ):
-            reason = "not in allow_uids/allow_gids"
+            return "not in allow_uids/allow_gids"
         limit = export.max_connections_per_uid
-        if (
-            reason is None
-            and limit
-            and sum(
+        if limit:
+            held = sum(
                 1
                 for c in self.connections.values()
                 if c.export == export.name and c.peer_uid == uid
             )
-            >= limit
-        ):
-            reason = f"peer uid already holds {limit} connections"
+            if held >= limit:
+                return f"peer uid already holds {limit} connections"
+        return None
+
+    def _admit(self, pool: Pool, sock: socket.socket) -> None:
+        pid, uid, gid = _peer(sock)
+        reason = self._refusal_reason(pool.config, uid, gid)
         if reason is not None:
             self.counters["refused_peers"] += 1
-            self._log_refusal(export.name, pid, uid, gid, reason)
+            self._log_refusal(pool.name, pid, uid, gid, reason)
             sock.close()
             return
-        conn = Connection(self.next_conn, sock, export.name, pid, uid, gid)
+        conn = Connection(self.next_conn, sock, pool.name, pid, uid, gid)
         self.next_conn += 1
         self.connections[conn.id] = conn
         self.counters["connections"] += 1
         self.log.info(
             "connection accepted",
-            export=export.name,
+            export=pool.name,
             conn=conn.id,
             peer_pid=pid,
             peer_uid=uid,
@@ -609,54 +535,29 @@ class Master:
         if self.stop_deadline is not None or pool.removed:
             return
         now = time.monotonic()
-        wanted = pool.min_idle + len(pool.pending)
-        spare = pool.spare(self.generation)
-        while spare < wanted and pool.live() < pool.config.max_workers and now >= pool.next_start:
+        for _ in range(pool.starts_wanted(self.generation, now)):
             if not self._spawn(pool):
                 break
-            spare += 1
-        # Exhausted: connections wait that no starting or idle worker will take.
-        if len(pool.pending) > spare and pool.live() >= pool.config.max_workers:
+        if pool.is_exhausted(self.generation):
             if not pool.exhausted:
                 pool.exhausted = True
                 self.counters["pool_exhausted"] += 1
                 self.log.warning(
                     "pool exhausted",
-                    export=pool.config.name,
+                    export=pool.name,
                     max_workers=pool.config.max_workers,
                     waiting=len(pool.pending),
                 )
         elif not pool.pending:
             pool.exhausted = False
-        self._trim(pool, spare - wanted)
-        self._apply_backpressure(pool)
-
-    def _trim(self, pool: Pool, excess: int, at_once: bool = False) -> None:
-        """Retire spare workers beyond min_idle once they have been idle IDLE_TRIM
-        seconds: a worker that just finished a connection serves the next one instead
-        of being replaced by a fork."""
-        now = time.monotonic()
-        idle = sorted(
-            (w for w in pool.workers.values() if w.state == "idle"), key=lambda w: w.idle_since
-        )
-        for w in idle[: max(excess, 0)]:
-            if at_once or now - w.idle_since >= IDLE_TRIM:
-                self._retire(w)
-
-    def _apply_backpressure(self, pool: Pool) -> None:
-        """Past PENDING_LIMIT waiting connections, stop accepting: the backlog holds them."""
-        if pool.listener is None:
-            return
-        if not pool.paused and len(pool.pending) >= PENDING_LIMIT:
-            self.selector.unregister(pool.listener.sock)
-            pool.paused = True
-        elif pool.paused and len(pool.pending) < PENDING_LIMIT // 2:
-            self.selector.register(
-                pool.listener.sock,
-                selectors.EVENT_READ,
-                lambda sock, pool=pool: self._on_accept(pool, sock),
-            )
-            pool.paused = False
+        for w in pool.excess_idle(self.generation, now):
+            self._retire(w)
+        if pool.listener is not None:
+            if pool.should_pause():
+                self.selector.unregister(pool.listener.sock)
+                pool.paused = True
+            elif pool.should_resume():
+                self._accept_from(pool)
 
     def _spawn(self, pool: Pool) -> bool:
         index = pool.next_index
@@ -677,7 +578,7 @@ class Master:
             master_end.close()
             worker_end.close()
             journal.close()
-            self.log.error("cannot fork a worker", export=pool.config.name, error=e.strerror)
+            self.log.error("cannot fork a worker", export=pool.name, error=e.strerror)
             pool.next_start = time.monotonic() + 1.0
             return False
         if pid == 0:
@@ -712,10 +613,9 @@ class Master:
             w.journal.close()  # other workers' journals are none of this one's business
         for conn in self.connections.values():
             conn.sock.close()
-        if self._control is not None:
-            self._control.sock.close()
-        for client in self._control_clients:
-            client.close()
+        if self.control is not None:
+            for sock in self.control.sockets():
+                sock.close()
         self.selector.close()
         self._watcher.close()
         for fd in (self._signal_r, self._signal_w, self._reserve_fd):
@@ -724,12 +624,12 @@ class Master:
     def _retire(self, w: Worker) -> None:
         """Ask a worker to leave: an idle one at once, a busy one at its next request
         boundary (it then hands its connection back)."""
-        if w.state in ("idle", "starting"):
+        if w.state in (IDLE, STARTING):
             self._forget_channel(w)
-            w.state = "retiring"
-        elif w.state == "busy":
+            w.state = RETIRING
+        elif w.state == BUSY:
             w.journal.fields[slot.COMMAND] = slot.RETIRE
-            w.state = "retiring"
+            w.state = RETIRING
 
     def _forget_channel(self, w: Worker) -> None:
         """Close our end of the worker's channel: an idle worker exits at EOF."""
@@ -761,10 +661,10 @@ class Master:
             channel.send(w.control, message, conn.sock.fileno())
         except OSError:
             w.pool.pending.appendleft(conn)  # the worker is gone; SIGCHLD will tell
-            w.state = "retiring"
+            w.state = RETIRING
             return
         conn.prefix = b""
-        w.state = "busy"
+        w.state = BUSY
         w.conn = conn
         w.connections += 1
         w.watch_seq = -1
@@ -794,18 +694,18 @@ class Master:
                 self._worker_finished(w, message)
 
     def _worker_ready(self, w: Worker) -> None:
-        if w.state == "starting":
-            w.state = "idle"
+        if w.state == STARTING:
+            w.state = IDLE
             w.idle_since = time.monotonic()
         w.pool.start_failures = 0
         self.log.info(
             "worker spawned",
-            export=w.pool.config.name,
+            export=w.pool.name,
             worker=w.index,
             worker_pid=w.pid,
             generation=w.generation,
         )
-        if w.generation < self.generation and w.state == "idle":
+        if w.generation < self.generation and w.state == IDLE:
             self._retire(w)
         self._dispatch(w.pool)
 
@@ -822,40 +722,40 @@ class Master:
         conn.errors += message.get("errors", 0)
         if message["op"] == "released":  # at a request boundary, for a reload or a stop
             self._forget_channel(w)
-            w.state = "retiring"
+            w.state = RETIRING
             if self.stop_deadline is not None or conn.export not in self.pools:
                 self._close_connection(conn, "daemon stopping")
             else:
                 self.pools[conn.export].pending.appendleft(conn)
                 self._dispatch(self.pools[conn.export])
             return
-        retiring = w.state == "retiring" or w.generation < self.generation
-        w.state = "idle"
+        retiring = w.state == RETIRING or w.generation < self.generation
+        w.state = IDLE
         w.idle_since = time.monotonic()
         if retiring:
             self._retire(w)
         self._close_connection(conn, message.get("reason", "done"))  # may begin a stop
         self._dispatch(w.pool)
 
-    # --- deaths ------------------------------------------------------------------------------
+    # --- deaths and crash recovery -------------------------------------------------------------
 
     def _worker_exited(self, w: Worker, status: int) -> None:
         pool = w.pool
         pool.workers.pop(w.pid, None)
         self._forget_channel(w)
         how = _describe_exit(status)
-        expected = w.state == "retiring" or self.stop_deadline is not None
-        if w.state == "starting":
-            self._start_failed(w, status, how)
+        expected = w.state == RETIRING or self.stop_deadline is not None
+        if w.state == STARTING:
+            self._start_failed(w, how)
         elif expected:
             self.log.info(
-                "worker exited", export=pool.config.name, worker=w.index, worker_pid=w.pid, **how
+                "worker exited", export=pool.name, worker=w.index, worker_pid=w.pid, **how
             )
         else:
             self.counters["worker_deaths"] += 1
             self.log.warning(
                 "worker died",
-                export=pool.config.name,
+                export=pool.name,
                 worker=w.index,
                 worker_pid=w.pid,
                 conn=w.conn.id if w.conn else None,
@@ -865,24 +765,22 @@ class Master:
             w.conn.requests += w.journal.fields[slot.SEQ]  # what the dead worker had served
             self._recover(w, w.conn)
         w.journal.close()
-        if pool.config.name in self.pools:
+        if pool.name in self.pools:
             before = set(pool.workers)
             self._dispatch(pool)
-            if not expected and w.state != "starting":
+            if not expected and w.state != STARTING:
                 for pid in set(pool.workers) - before:
                     self.log.info(
-                        "worker replaced", export=pool.config.name, old_pid=w.pid, worker_pid=pid
+                        "worker replaced", export=pool.name, old_pid=w.pid, worker_pid=pid
                     )
                     break
 
-    def _start_failed(self, w: Worker, status: int, how: dict[str, Any]) -> None:
+    def _start_failed(self, w: Worker, how: dict[str, Any]) -> None:
         pool = w.pool
-        pool.start_failures += 1
-        delay = min(0.1 * 2 ** (pool.start_failures - 1), BACKOFF_MAX)
-        pool.next_start = time.monotonic() + delay
+        delay = pool.start_failed(time.monotonic())
         self.log.warning(
             "worker failed to start",
-            export=pool.config.name,
+            export=pool.name,
             worker_pid=w.pid,
             failures=pool.start_failures,
             retry_in_s=round(delay, 2),
@@ -893,7 +791,7 @@ class Master:
         if pool.start_failures >= START_FAILURES_FATAL and self.stop_deadline is None:
             self.log.error(
                 "export cannot be served, giving up",
-                export=pool.config.name,
+                export=pool.name,
                 path=pool.config.path,
                 failures=pool.start_failures,
             )
@@ -901,53 +799,31 @@ class Master:
             self._begin_stop("export cannot be served")
 
     def _recover(self, w: Worker, conn: Connection) -> None:
-        """Decide, from the dead worker's journal, what the guest is owed; then hand the
-        connection to a fresh worker, or close it where that is the only safe answer."""
+        """Act on the verdict for a connection whose worker died: hand it to a fresh
+        worker (after an EIO where the request may have run), or close it where that is
+        the only safe answer (proxyd/recovery.py)."""
         if self.stop_deadline is not None:
             self._close_connection(conn, "daemon stopping")
             return
-        journal = w.journal
-        phase, have = journal.fields[slot.PHASE], journal.fields[slot.HAVE]
-        code, size = p.HEADER.unpack_from(journal.request)
-        op = p.REQUESTS[code].name if code in p.REQUESTS else None
-        idle = phase == slot.IDLE or (
-            phase == slot.RECEIVING and have == 0 and not journal.header_consumed()
-        )
-        if not idle and self._poisoned(conn):
+        verdict = recovery.judge(w.journal, conn.sock)
+        if verdict.in_flight and self._poisoned(conn):
             return
-        if idle:
-            self._hand_on(conn, op, "nothing was in flight")
-        elif phase == slot.RECEIVING and have > 0:
-            conn.prefix = bytes(journal.request[:have])
-            self._hand_on(conn, op, "partly received request handed on")
-        elif phase == slot.EXECUTING:
-            if self._answer_eio(conn, code):
-                self._hand_on(conn, op, "answered EIO")
+        if verdict.action == recovery.HAND_ON:
+            conn.prefix = verdict.prefix
+            self._hand_on(conn, verdict.op, verdict.outcome)
+        elif verdict.action == recovery.ANSWER_EIO:
+            if self._answer_eio(conn, verdict.code):
+                self._hand_on(conn, verdict.op, verdict.outcome)
             else:
-                self._uncertain(conn, op, "could not send the EIO reply")
-        elif phase == slot.REPLY_READY:
-            if _queued(conn.sock, SIOCOUTQ) > 0 or _queued(conn.sock, SIOCINQ) > 0:
-                self._hand_on(conn, op, "reply had been sent")
-            else:
-                self._await_next_request(conn, op)
-        elif op is not None and size <= p.MAX_PAYLOAD and _queued(conn.sock, SIOCINQ) == 0:
-            # Died between a recv that returned and recording it (a kill that arrives
-            # while the recv is being woken up lands here). The header is in the buffer
-            # and nothing is left in the socket: a client that writes each request
-            # whole, as QEMU does, had its whole request consumed, and it is there.
-            conn.prefix = bytes(journal.request[: p.HEADER_SIZE + size])
-            self._hand_on(conn, op, "received request handed on")
+                self._uncertain(conn, verdict.op, "could not send the EIO reply")
+        elif verdict.action == recovery.AWAIT_NEXT:
+            self._await_next_request(conn, verdict.op)
         else:
-            # Part of the request may still be in the socket and part consumed: how
-            # much, we cannot tell, and a wrong guess would desynchronise the stream.
-            self._uncertain(conn, op, "died while receiving")
+            self._uncertain(conn, verdict.op, verdict.outcome)
 
     def _poisoned(self, conn: Connection) -> bool:
-        """A request in flight at a worker's death counts against its connection: three
-        within POISON_WINDOW close it (a request that kills whoever serves it)."""
-        now = time.monotonic()
-        conn.deaths = [t for t in conn.deaths if now - t < POISON_WINDOW] + [now]
-        if len(conn.deaths) < POISON_DEATHS:
+        """A request that kills whoever serves it: close its connection."""
+        if not recovery.count_death(conn):
             return False
         self.counters["poison_closed"] += 1
         self.log.warning(
@@ -955,7 +831,7 @@ class Master:
             export=conn.export,
             conn=conn.id,
             deaths=len(conn.deaths),
-            window_s=POISON_WINDOW,
+            window_s=recovery.POISON_WINDOW,
         )
         self._close_connection(conn, "poison")
         return True
@@ -974,7 +850,8 @@ class Master:
         """The worker died sending a reply that is no longer queued: either it never
         left, or the guest read it already. A guest that read it soon sends its next
         request; one still waiting never will. Wait a moment for the difference."""
-        self._undecided[conn.id] = (conn, op, time.monotonic() + REPLY_VERDICT_WAIT)
+        deadline = time.monotonic() + recovery.REPLY_VERDICT_WAIT
+        self._undecided[conn.id] = (conn, op, deadline)
         self.selector.register(
             conn.sock, selectors.EVENT_READ, lambda sock, conn=conn: self._reply_was_read(conn)
         )
@@ -1003,12 +880,9 @@ class Master:
         self._close_connection(conn, "crash, reply state unknown")
 
     def _answer_eio(self, conn: Connection, code: int) -> bool:
-        if code not in p.REQUESTS:
+        reply = recovery.eio_reply(code)
+        if reply is None:
             return False
-        if p.REQUESTS[code].reply == p.FD:
-            reply = p.encode_fd_reply(-errno.EIO)
-        else:
-            reply = p.encode_error(errno.EIO)
         try:
             return conn.sock.send(reply, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL) == len(reply)
         except OSError:
@@ -1027,14 +901,14 @@ class Master:
         if now - w.watch_since < self.config.request_timeout:
             return
         if w.aborted_at is None:
-            code, _ = p.HEADER.unpack_from(w.journal.request)
+            code, _ = w.journal.header()
             self.counters["hung_killed"] += 1
             self.log.warning(
                 "request timed out, killing worker",
-                export=w.pool.config.name,
+                export=w.pool.name,
                 worker_pid=w.pid,
                 conn=w.conn.id if w.conn else None,
-                op=p.REQUESTS[code].name if code in p.REQUESTS else code,
+                op=recovery.op_name(code) or code,
                 timeout_s=self.config.request_timeout,
             )
             w.aborted_at = now
@@ -1043,48 +917,6 @@ class Master:
             self._kill(w, signal.SIGKILL)
 
     # --- the control socket -----------------------------------------------------------------
-
-    def _on_control_accept(self, sock: socket.socket) -> None:
-        try:
-            client, _ = sock.accept()
-        except OSError:
-            return
-        if not control.peer_is_root(client):
-            self.log.warning("control connection refused", reason="peer is not root")
-            client.close()
-            return
-        client.setblocking(False)
-        self._control_clients[client] = (bytearray(), time.monotonic() + 2.0)
-        self.selector.register(client, selectors.EVENT_READ, self._on_control_request)
-
-    def _drop_control_client(self, client: socket.socket) -> None:
-        self._control_clients.pop(client, None)
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(client)
-        client.close()
-
-    def _on_control_request(self, client: socket.socket) -> None:
-        buf, _ = self._control_clients[client]
-        try:
-            data = client.recv(control.MAX_REQUEST)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        buf += data
-        if data and b"\n" not in buf and len(buf) < control.MAX_REQUEST:
-            return  # the rest of the line is still coming
-        try:
-            answer = self._control_answer(control.parse_request(bytes(buf)))
-        except ValueError as e:
-            answer = {"ok": False, "error": f"bad request: {e}"}
-        try:
-            client.setblocking(True)
-            client.settimeout(1.0)
-            client.sendall(json.dumps(answer).encode())
-        except OSError:
-            pass
-        self._drop_control_client(client)
 
     def _control_answer(self, cmd: str) -> dict[str, Any]:
         if cmd == "status":
@@ -1098,71 +930,8 @@ class Master:
         return {"ok": True}
 
     def status(self) -> dict[str, Any]:
-        """What `proxyd status` shows: exports, workers, connections, counters."""
-        now = time.time()
-
-        def live_requests(w: Worker) -> int:
-            return w.journal.fields[slot.SEQ] if w.state in ("busy", "retiring") and w.conn else 0
-
-        workers = [
-            {
-                "pid": w.pid,
-                "export": w.pool.config.name,
-                "index": w.index,
-                "state": w.state,
-                "conn": w.conn.id if w.conn else None,
-                "connections": w.connections,
-                "requests": w.requests + live_requests(w),
-                "started": w.started,
-                "generation": w.generation,
-            }
-            for w in sorted(self.workers.values(), key=lambda w: (w.pool.config.name, w.index))
-        ]
-        serving = {w.conn.id: w for w in self.workers.values() if w.conn is not None}
-        connections = [
-            {
-                "id": c.id,
-                "export": c.export,
-                "peer_pid": c.peer_pid,
-                "peer_uid": c.peer_uid,
-                "peer_gid": c.peer_gid,
-                "since": c.accepted,
-                "requests": c.requests + (live_requests(serving[c.id]) if c.id in serving else 0),
-                "errors": c.errors,
-                "worker_pid": serving[c.id].pid if c.id in serving else None,
-            }
-            for c in sorted(self.connections.values(), key=lambda c: c.id)
-        ]
-        exports = []
-        for pool in self.pools.values():
-            states = [w.state for w in pool.workers.values()]
-            exports.append(
-                {
-                    "name": pool.config.name,
-                    "path": pool.config.path,
-                    "socket": pool.config.socket,
-                    "readonly": pool.config.readonly,
-                    "min_idle": pool.min_idle,
-                    "max_workers": pool.config.max_workers,
-                    "workers": len(states),
-                    "idle": states.count("idle"),
-                    "busy": states.count("busy") + states.count("retiring"),
-                    "waiting": len(pool.pending),
-                }
-            )
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "started": self.started,
-            "uptime_s": round(now - self.started, 1),
-            "source": self.config.source,
-            "generation": self.generation,
-            "stopping": self.stop_deadline is not None,
-            "exports": exports,
-            "workers": workers,
-            "connections": connections,
-            "counters": dict(self.counters),
-        }
+        """What `proxyd status` shows (proxyd/service.py)."""
+        return service.status_document(self)
 
     # --- stopping ---------------------------------------------------------------------------
 
@@ -1198,8 +967,6 @@ class Master:
             self._close_connection(conn, "daemon stopped")
         for pool in self.pools.values():
             self._close_listener(pool)
-        for client in list(self._control_clients):
-            self._drop_control_client(client)
-        if self._control is not None:
-            self._control.close()
+        if self.control is not None:
+            self.control.close()
         self.log.info("stop", exit_code=self.exit_code, counters=dict(self.counters))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import mmap
 
-from proxyd.protocol import BUFFER_SIZE, HEADER_SIZE
+from proxyd.protocol import BUFFER_SIZE, HEADER, HEADER_SIZE
 
 # Phases.
 IDLE = 0  # no connection
@@ -56,6 +56,10 @@ class Slot:
         for i in range(FIELDS):
             self.fields[i] = 0
         self.request[:HEADER_SIZE] = _ZERO_HEADER
+
+    def header(self) -> tuple[int, int]:
+        """(code, size) of the request header in the buffer (zeros when cleared)."""
+        return HEADER.unpack_from(self.request)
 
     def header_consumed(self) -> bool:
         """Whether any byte of a request landed in the (cleared) header."""

@@ -1,0 +1,149 @@
+"""One export's pool: its workers, the connections waiting for one, and the rules that
+size it. Plain data and decisions; the master does the forking, handing and killing.
+
+A pool keeps `min_idle` spare workers (sandboxed, waiting for a connection), starts one
+more for every connection that waits, never runs more than `max_workers`, and retires
+spare workers beyond `min_idle` once they have been idle IDLE_TRIM seconds (a worker that
+just finished a connection serves the next one instead of being replaced by a fork).
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+import time
+from dataclasses import dataclass, field
+
+from proxyd import listener
+from proxyd.config import ExportConfig
+from proxyd.slot import Slot
+
+IDLE_TRIM = 30.0  # seconds an excess spare worker stays before it is retired
+PENDING_LIMIT = 64  # connections waiting in the master before the backlog takes over
+BACKOFF_FIRST = 0.1  # seconds before the second start after a failed one, doubling ...
+BACKOFF_MAX = 10.0  # ... up to this
+
+# Worker states.
+STARTING = "starting"  # forked, sandboxing itself; not ready yet
+IDLE = "idle"  # ready, no connection
+BUSY = "busy"  # serving a connection
+RETIRING = "retiring"  # asked to leave (idle: channel closed; busy: at its next boundary)
+
+
+@dataclass(eq=False)
+class Connection:
+    """A guest's connection, as the master keeps it (its own copy of the socket)."""
+
+    id: int
+    sock: socket.socket
+    export: str
+    peer_pid: int
+    peer_uid: int
+    peer_gid: int
+    accepted: float = field(default_factory=time.time)
+    requests: int = 0
+    errors: int = 0
+    deaths: list[float] = field(default_factory=list)  # in-flight deaths (monotonic times)
+    prefix: bytes = b""  # start of a request consumed by a worker that then died
+
+
+@dataclass(eq=False)
+class Worker:
+    """A forked worker of one pool, seen from the master."""
+
+    pid: int
+    pool: Pool
+    index: int
+    generation: int
+    control: socket.socket  # the master's end of the worker's channel
+    journal: Slot
+    started: float = field(default_factory=time.time)
+    state: str = STARTING
+    conn: Connection | None = None
+    connections: int = 0  # served so far
+    requests: int = 0  # by connections it finished
+    watch_seq: int = -1  # hang detection: the request seen executing ...
+    watch_since: float = 0.0  # ... since when (monotonic)
+    aborted_at: float | None = None  # SIGABRT sent (monotonic)
+    idle_since: float = 0.0  # monotonic time it last became idle
+
+    @property
+    def name(self) -> str:
+        return f"{self.pool.config.name}#{self.index}"
+
+
+@dataclass(eq=False)
+class Pool:
+    """The workers and waiting connections of one export."""
+
+    config: ExportConfig
+    min_idle: int
+    listener: listener.Listener | None = None
+    workers: dict[int, Worker] = field(default_factory=dict)
+    pending: collections.deque[Connection] = field(default_factory=collections.deque)
+    next_index: int = 0
+    start_failures: int = 0  # consecutive starts that never got ready
+    next_start: float = 0.0  # monotonic time before which no worker is started
+    exhausted: bool = False  # "pool exhausted" was logged and still holds
+    paused: bool = False  # not accepting: PENDING_LIMIT connections wait already
+    removed: bool = False  # dropped from the configuration by a reload
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def live(self) -> int:
+        return len(self.workers)
+
+    def idle_worker(self, generation: int) -> Worker | None:
+        """An idle worker of the current generation, if there is one."""
+        for w in self.workers.values():
+            if w.state == IDLE and w.generation == generation:
+                return w
+        return None
+
+    def spare(self, generation: int) -> int:
+        """Workers of the current generation that are, or will soon be, free."""
+        return sum(
+            1
+            for w in self.workers.values()
+            if w.state in (IDLE, STARTING) and w.generation == generation
+        )
+
+    def starts_wanted(self, generation: int, now: float) -> int:
+        """How many workers to start now: enough for min_idle spares plus one per
+        waiting connection, within max_workers and the start back-off."""
+        if now < self.next_start:
+            return 0
+        wanted = self.min_idle + len(self.pending) - self.spare(generation)
+        room = self.config.max_workers - self.live()
+        return max(0, min(wanted, room))
+
+    def is_exhausted(self, generation: int) -> bool:
+        """Connections wait that no starting or idle worker will take, and no more
+        workers may start."""
+        return len(self.pending) > self.spare(generation) and self.live() >= self.config.max_workers
+
+    def excess_idle(self, generation: int, now: float, at_once: bool = False) -> list[Worker]:
+        """Idle workers beyond what the pool wants, longest idle first, that have been
+        idle IDLE_TRIM seconds (or all of them, `at_once`)."""
+        excess = self.spare(generation) - self.min_idle - len(self.pending)
+        idle = sorted(
+            (w for w in self.workers.values() if w.state == IDLE), key=lambda w: w.idle_since
+        )
+        return [w for w in idle[: max(excess, 0)] if at_once or now - w.idle_since >= IDLE_TRIM]
+
+    def start_failed(self, now: float) -> float:
+        """Count a start that never got ready; returns the back-off (seconds) before
+        the next one: BACKOFF_FIRST doubling up to BACKOFF_MAX."""
+        self.start_failures += 1
+        delay = min(BACKOFF_FIRST * 2 ** (self.start_failures - 1), BACKOFF_MAX)
+        self.next_start = now + delay
+        return delay
+
+    def should_pause(self) -> bool:
+        """Stop accepting: the listen backlog holds further connections."""
+        return not self.paused and len(self.pending) >= PENDING_LIMIT
+
+    def should_resume(self) -> bool:
+        return self.paused and len(self.pending) < PENDING_LIMIT // 2

@@ -1,0 +1,117 @@
+"""Crash-recovery verdicts (proxyd/recovery.py) from a real journal and real socket queues:
+one test per row of README's "When a worker dies" table, as the master sees it."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+
+import pytest
+
+from proxyd import protocol as p
+from proxyd import recovery, slot
+from proxyd.pool import Connection
+from proxyd.slot import Slot
+from tests.proxyclient import LSTAT, OPEN, marshal
+
+HEADER = struct.Struct("=II")
+
+
+@pytest.fixture
+def journal():
+    j = Slot()
+    yield j
+    j.close()
+
+
+@pytest.fixture
+def pair():
+    """(guest end, server end) of a connection, as QEMU and proxyd hold it."""
+    guest, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    yield guest, server
+    guest.close()
+    server.close()
+
+
+def lstat_request(path: str = "/f") -> bytes:
+    payload = marshal("s", path)
+    return HEADER.pack(LSTAT, len(payload)) + payload
+
+
+def put(journal: Slot, phase: int, data: bytes = b"", have: int | None = None) -> None:
+    journal.reset()
+    journal.request[: len(data)] = data
+    journal.fields[slot.PHASE] = phase
+    journal.fields[slot.HAVE] = len(data) if have is None else have
+
+
+def test_idle_or_waiting_for_a_request_is_nothing_in_flight(journal, pair) -> None:
+    _, server = pair
+    for phase in (slot.IDLE, slot.RECEIVING):
+        put(journal, phase)
+        verdict = recovery.judge(journal, server)
+        assert (verdict.action, verdict.in_flight, verdict.prefix) == (recovery.HAND_ON, False, b"")
+        assert verdict.outcome == "nothing was in flight"
+
+
+def test_partly_received_request_goes_on_with_its_bytes(journal, pair) -> None:
+    _, server = pair
+    request = lstat_request()
+    put(journal, slot.RECEIVING, request[:5])
+    verdict = recovery.judge(journal, server)
+    assert verdict.action == recovery.HAND_ON and verdict.in_flight
+    assert verdict.prefix == request[:5]
+    assert verdict.outcome == "partly received request handed on"
+
+
+def test_received_but_unrecorded_request_goes_on_whole_if_the_socket_is_empty(
+    journal, pair
+) -> None:
+    guest, server = pair
+    request = lstat_request()
+    put(journal, slot.RECEIVING, request, have=0)  # recv returned, HAVE not stored yet
+    verdict = recovery.judge(journal, server)
+    assert verdict.action == recovery.HAND_ON
+    assert verdict.prefix == request and verdict.op == "lstat"
+    assert verdict.outcome == "received request handed on"
+    guest.send(b"more")  # part of the request may still be in the socket: undecidable
+    verdict = recovery.judge(journal, server)
+    assert verdict.action == recovery.CLOSE and verdict.outcome == "died while receiving"
+
+
+def test_executing_request_is_answered_eio_in_its_reply_form(journal, pair) -> None:
+    _, server = pair
+    put(journal, slot.EXECUTING, lstat_request())
+    verdict = recovery.judge(journal, server)
+    assert (verdict.action, verdict.op, verdict.in_flight) == (recovery.ANSWER_EIO, "lstat", True)
+    assert recovery.eio_reply(LSTAT) == p.encode_error(errno.EIO)
+    assert recovery.eio_reply(OPEN) == struct.pack("=i", -errno.EIO)
+    assert recovery.eio_reply(999) is None
+
+
+def test_reply_still_queued_or_next_request_waiting_means_it_was_sent(journal, pair) -> None:
+    guest, server = pair
+    put(journal, slot.REPLY_READY, lstat_request())
+    server.send(b"reply")  # unread by the guest: SIOCOUTQ > 0
+    assert recovery.judge(journal, server).action == recovery.HAND_ON
+    guest.recv(16)
+    guest.send(lstat_request())  # the guest read the reply and sent its next request
+    verdict = recovery.judge(journal, server)
+    assert verdict.action == recovery.HAND_ON and verdict.outcome == "reply had been sent"
+
+
+def test_reply_state_unknown_when_nothing_is_queued(journal, pair) -> None:
+    _, server = pair
+    put(journal, slot.REPLY_READY, lstat_request())
+    assert recovery.judge(journal, server).action == recovery.AWAIT_NEXT
+
+
+def test_three_in_flight_deaths_within_the_window_poison_a_connection(pair) -> None:
+    _, server = pair
+    conn = Connection(1, server, "e", 1, 0, 0)
+    assert not recovery.count_death(conn, now=100.0)
+    assert not recovery.count_death(conn, now=110.0)
+    # The first death left the window: still two.
+    assert not recovery.count_death(conn, now=100.0 + recovery.POISON_WINDOW + 1)
+    assert recovery.count_death(conn, now=100.0 + recovery.POISON_WINDOW + 2)
