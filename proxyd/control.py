@@ -43,10 +43,17 @@ def peer_is_root(sock: socket.socket) -> bool:
     return int.from_bytes(creds[4:8], sys.byteorder) == 0
 
 
+COMMANDS = ("status", "reload", "stop")
+
+
 def parse_request(data: bytes) -> str:
-    """The command of a request line; ValueError if it is not one we know."""
-    request = json.loads(data)
-    if not isinstance(request, dict) or request.get("cmd") not in ("status", "reload", "stop"):
+    """The command of a request line ({"cmd": "status" | "reload" | "stop"}, nothing
+    else); ValueError for anything else, including JSON nested too deep to parse."""
+    try:
+        request = json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deep") from None
+    if not isinstance(request, dict) or set(request) != {"cmd"} or request["cmd"] not in COMMANDS:
         raise ValueError('expected {"cmd": "status" | "reload" | "stop"}')
     return request["cmd"]
 

@@ -674,29 +674,35 @@ class Master:
     def _on_worker_message(self, w: Worker) -> None:
         while w.control.fileno() >= 0:
             try:
-                message, fd = channel.receive(w.control, socket.MSG_DONTWAIT)
+                message, _ = channel.receive(w.control, channel.FROM_WORKER, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
             except (channel.ChannelError, OSError) as e:
-                self.log.error("bad message from worker", worker_pid=w.pid, error=str(e))
-                self._kill(w, signal.SIGKILL)
-                self._forget_channel(w)
+                self._misbehaved(w, str(e))
                 return
-            if fd is not None:
-                os.close(fd)
             if message is None:  # the worker is exiting; SIGCHLD says how
                 self._forget_channel(w)
                 return
             op = message["op"]
-            if op == "ready":
+            if op == "ready" and w.state == STARTING:
                 self._worker_ready(w)
-            elif op in ("done", "released"):
+            elif op != "ready" and w.conn is not None and message["conn"] == w.conn.id:
                 self._worker_finished(w, message)
+            else:
+                self._misbehaved(w, f"'{op}' does not fit a {w.state} worker")
+                return
+
+    def _misbehaved(self, w: Worker, why: str) -> None:
+        """A worker sent what no sound worker sends: it may be compromised. Kill it;
+        its death is then recovered like any other (the guest keeps its mount)."""
+        self.counters["bad_worker_messages"] += 1
+        self.log.warning("bad message from worker", export=w.pool.name, worker_pid=w.pid, error=why)
+        self._kill(w, signal.SIGKILL)
+        self._forget_channel(w)
 
     def _worker_ready(self, w: Worker) -> None:
-        if w.state == STARTING:
-            w.state = IDLE
-            w.idle_since = time.monotonic()
+        w.state = IDLE
+        w.idle_since = time.monotonic()
         w.pool.start_failures = 0
         self.log.info(
             "worker spawned",
@@ -705,21 +711,17 @@ class Master:
             worker_pid=w.pid,
             generation=w.generation,
         )
-        if w.generation < self.generation and w.state == IDLE:
+        if w.generation < self.generation:
             self._retire(w)
         self._dispatch(w.pool)
 
     def _worker_finished(self, w: Worker, message: dict[str, Any]) -> None:
         conn = w.conn
+        assert conn is not None
         w.conn = None
-        w.requests += message.get("requests", 0)
-        if conn is None or conn.id != message.get("conn"):
-            self.log.error(
-                "worker reported an unknown connection", worker_pid=w.pid, message=message
-            )
-            return
-        conn.requests += message.get("requests", 0)
-        conn.errors += message.get("errors", 0)
+        w.requests += message["requests"]
+        conn.requests += message["requests"]
+        conn.errors += message["errors"]
         if message["op"] == "released":  # at a request boundary, for a reload or a stop
             self._forget_channel(w)
             w.state = RETIRING
@@ -734,7 +736,7 @@ class Master:
         w.idle_since = time.monotonic()
         if retiring:
             self._retire(w)
-        self._close_connection(conn, message.get("reason", "done"))  # may begin a stop
+        self._close_connection(conn, message["reason"])  # may begin a stop
         self._dispatch(w.pool)
 
     # --- deaths and crash recovery -------------------------------------------------------------

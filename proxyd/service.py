@@ -96,7 +96,11 @@ class ControlService:
         try:
             answer = self._answer(control.parse_request(bytes(buf)))
         except ValueError as e:
+            self.log.warning("bad control request", error=str(e)[:200])
             answer = {"ok": False, "error": f"bad request: {e}"}
+        except Exception as e:  # a bug answering must cost this client only, not the master
+            self.log.exception("control request failed")
+            answer = {"ok": False, "error": f"internal error: {e}"}
         try:
             client.setblocking(True)
             client.settimeout(ANSWER_TIMEOUT)

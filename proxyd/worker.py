@@ -568,7 +568,7 @@ def _worker(
     def on_log_reopen() -> None:
         """The master reopened the log file: its descriptor waits on the channel."""
         server.log_epoch = journal.fields[slot.LOG_EPOCH]
-        _take_messages(control, logger, block=False)
+        _take_messages(control, block=False)
 
     def on_command() -> None:
         """At a request boundary: a reopened log file, or the master wants us back."""
@@ -590,7 +590,7 @@ def _worker(
     channel.send(control, {"op": "ready"})
     _title(export.name, index, "idle")
     while True:
-        handed = _take_messages(control, logger, block=True)
+        handed = _take_messages(control, block=True)
         if handed is None:  # the master closed our channel: retire
             return EXIT_OK
         conn_id, peer, fd = handed
@@ -616,29 +616,26 @@ def _worker(
         _title(export.name, index, "idle")
 
 
-def _take_messages(
-    control: socket.socket, logger: Any, block: bool
-) -> tuple[int, dict[str, int], int] | None:
+def _take_messages(control: socket.socket, block: bool) -> tuple[int, dict[str, int], int] | None:
     """Handle the master's messages. A reopened log file is taken over at once; a
     connection to serve is returned (id, peer, descriptor). None when the master
     closed the channel, or (not blocking) when nothing is left to read."""
     while True:
         try:
-            message, fd = channel.receive(control, 0 if block else socket.MSG_DONTWAIT)
+            message, fd = channel.receive(
+                control, channel.FROM_MASTER, 0 if block else socket.MSG_DONTWAIT
+            )
         except BlockingIOError:
             return None
         if message is None:
             if not block:
                 raise _Released  # the master is gone; PDEATHSIG follows
             return None
-        if message["op"] == "log" and fd is not None:
+        assert fd is not None  # the schema requires one for both ops
+        if message["op"] == "log":
             # Keep writing to the same descriptor number: dup2 swaps the file under it.
             os.dup2(fd, log.current_fd())
             os.close(fd)
             continue
-        if message["op"] == "serve" and fd is not None:
-            peer = {k: message[k] for k in ("peer_pid", "peer_uid", "peer_gid")}
-            return message["conn"], peer, fd
-        if fd is not None:
-            os.close(fd)
-        logger.error("unexpected message from master", message=message)
+        peer = {k: message[k] for k in ("peer_pid", "peer_uid", "peer_gid")}
+        return message["conn"], peer, fd
