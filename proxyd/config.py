@@ -79,6 +79,22 @@ class Config:
     path: str | None = field(default=None, compare=False)  # the config file to re-read
 
 
+def worker_view(config: Config, export: ExportConfig) -> tuple[Any, ...]:
+    """Everything a worker of `export` is forked with. A reload that changes it
+    replaces that export's workers (at request boundaries); one that changes only what
+    the master alone uses (socket, allow-lists, pool sizes, stop_timeout) leaves them."""
+    return (
+        export.path,
+        export.identity,
+        export.readonly,
+        config.log_format,
+        config.log_level,
+        config.audit,
+        config.request_timeout,
+        config.seccomp,
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not argparse's two
         raise ConfigError(f"{message} (see --help)")

@@ -9,8 +9,9 @@ touches a file of an export.
 
 Its state: `pools` (one per export: workers and waiting connections, proxyd/pool.py),
 `workers` (every live worker by pid), `connections` (every live connection by id),
-`generation` (bumped by each reload: workers of an older one are replaced at request
-boundaries), `counters`, and `stop_deadline` (set once a stop began).
+`generation` (reloads applied; each pool has its own, bumped when a reload changes
+what its workers are forked with), `counters`, and `stop_deadline` (set once a stop
+began).
 """
 
 from __future__ import annotations
@@ -30,7 +31,15 @@ from dataclasses import replace
 from typing import Any
 
 from proxyd import __version__, channel, listener, log, recovery, service, slot
-from proxyd.config import EXIT_EXPORT, EXIT_OK, Config, ConfigError, ExportConfig, load_file
+from proxyd.config import (
+    EXIT_EXPORT,
+    EXIT_OK,
+    Config,
+    ConfigError,
+    ExportConfig,
+    load_file,
+    worker_view,
+)
 from proxyd.pool import BUSY, IDLE, RETIRING, STARTING, Connection, Pool, Worker
 from proxyd.slot import Slot
 from proxyd.title import set_title
@@ -87,6 +96,7 @@ class Master:
         self.generation = 0
         self.next_conn = 1
         self.stop_deadline: float | None = None
+        self.reload_wanted = False  # SIGHUP seen: reload once this turn of the loop ends
         self.exit_code = EXIT_OK
         self.counters: collections.Counter[str] = collections.Counter()
         self.started = time.time()
@@ -130,6 +140,9 @@ class Master:
                 # (a listener replaced by a re-bind): skip what is no longer registered.
                 if self.selector.get_map().get(key.fd) is key:
                     key.data(key.fileobj)
+            if self.reload_wanted:  # any number of SIGHUPs since the last turn: one reload
+                self.reload_wanted = False
+                self.reload()
             self._housekeeping()
         self._shutdown()
         return self.exit_code
@@ -209,8 +222,15 @@ class Master:
             self._kill(w, signal.SIGKILL)
         self.stop_deadline = time.monotonic()
 
-    def handle_hup(self) -> str | None:
-        """Re-read the configuration; replace every worker at a request boundary.
+    def handle_hup(self) -> None:
+        """Reload the configuration, once this turn of the loop ends (a burst of
+        SIGHUPs is one reload)."""
+        self.reload_wanted = True
+
+    def reload(self) -> str | None:
+        """Re-read the configuration and apply it. Exports added are bound, exports
+        removed are closed; an export whose workers would be forked differently gets
+        new ones (at request boundaries), the others keep theirs.
 
         Returns why the reload was refused, or None when it was applied."""
         if self.stop_deadline is not None:
@@ -221,24 +241,28 @@ class Master:
             self.log.error("reload refused", error=str(e))
             self.counters["reloads_refused"] += 1
             return str(e)
+        old = self.config
         old_names = set(self.pools)
         new_names = {e.name for e in new.exports}
-        log_file_changed = new.log_file != self.config.log_file
         self.config = new
         log.configure(
             new.log_format, new.log_level, to_syslog=log.uses_syslog(), fd=log.current_fd()
         )
         self.log = log.get(role="master")
-        if log_file_changed:
+        if new.log_file != old.log_file:
             self._reopen_log()
         self.generation += 1
         for name in old_names - new_names:
             self._remove_pool(self.pools[name])
+        replaced = []
         for export in new.exports:
             pool = self.pools.get(export.name)
             if pool is None:
                 self._add_pool(export)
                 continue
+            if worker_view(old, pool.config) != worker_view(new, export):
+                pool.generation += 1
+                replaced.append(export.name)
             moved = (export.socket, export.socket_uid, export.socket_gid, export.socket_mode) != (
                 pool.config.socket,
                 pool.config.socket_uid,
@@ -251,7 +275,7 @@ class Master:
                 self._close_listener(pool)
                 self._bind(pool)
         for w in list(self.workers.values()):
-            if w.generation < self.generation:
+            if w.generation < w.pool.generation:
                 self._retire(w)
         self.counters["reloads"] += 1
         self.log.info(
@@ -260,6 +284,7 @@ class Master:
             config_digest=_digest(new),
             added=sorted(new_names - old_names),
             removed=sorted(old_names - new_names),
+            replaced=replaced,
             exports=sorted(new_names),
         )
         return None
@@ -274,7 +299,7 @@ class Master:
         """One fewer spare worker per export, retired at once."""
         for pool in self.pools.values():
             pool.min_idle = max(pool.min_idle - 1, 0)
-            for w in pool.excess_idle(self.generation, time.monotonic(), at_once=True):
+            for w in pool.excess_idle(time.monotonic(), at_once=True):
                 self._retire(w)
         self.log.info("spare workers", min_idle={n: p.min_idle for n, p in self.pools.items()})
 
@@ -528,17 +553,17 @@ class Master:
     def _dispatch(self, pool: Pool) -> None:
         """Give waiting connections to idle workers; keep the pool at its size."""
         while pool.pending:
-            w = pool.idle_worker(self.generation)
+            w = pool.idle_worker()
             if w is None:
                 break
             self._hand(w, pool.pending.popleft())
         if self.stop_deadline is not None or pool.removed:
             return
         now = time.monotonic()
-        for _ in range(pool.starts_wanted(self.generation, now)):
+        for _ in range(pool.starts_wanted(now)):
             if not self._spawn(pool):
                 break
-        if pool.is_exhausted(self.generation):
+        if pool.is_exhausted():
             if not pool.exhausted:
                 pool.exhausted = True
                 self.counters["pool_exhausted"] += 1
@@ -550,7 +575,7 @@ class Master:
                 )
         elif not pool.pending:
             pool.exhausted = False
-        for w in pool.excess_idle(self.generation, now):
+        for w in pool.excess_idle(now):
             self._retire(w)
         if pool.listener is not None:
             if pool.should_pause():
@@ -592,7 +617,7 @@ class Master:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         worker_end.close()
         master_end.setblocking(False)
-        w = Worker(pid, pool, index, self.generation, master_end, journal)
+        w = Worker(pid, pool, index, pool.generation, master_end, journal)
         self.workers[pid] = w
         pool.workers[pid] = w
         self.selector.register(
@@ -711,7 +736,7 @@ class Master:
             worker_pid=w.pid,
             generation=w.generation,
         )
-        if w.generation < self.generation:
+        if w.generation < w.pool.generation:
             self._retire(w)
         self._dispatch(w.pool)
 
@@ -731,7 +756,7 @@ class Master:
                 self.pools[conn.export].pending.appendleft(conn)
                 self._dispatch(self.pools[conn.export])
             return
-        retiring = w.state == RETIRING or w.generation < self.generation
+        retiring = w.state == RETIRING or w.generation < w.pool.generation
         w.state = IDLE
         w.idle_since = time.monotonic()
         if retiring:
@@ -924,7 +949,8 @@ class Master:
         if cmd == "status":
             return {"ok": True, "status": self.status()}
         if cmd == "reload":
-            refused = self.handle_hup()
+            self.reload_wanted = False  # this reload answers a pending SIGHUP too
+            refused = self.reload()
             if refused is not None:
                 return {"ok": False, "error": f"reload refused: {refused}"}
             return {"ok": True, "generation": self.generation}

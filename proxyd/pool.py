@@ -87,6 +87,9 @@ class Pool:
     exhausted: bool = False  # "pool exhausted" was logged and still holds
     paused: bool = False  # not accepting: PENDING_LIMIT connections wait already
     removed: bool = False  # dropped from the configuration by a reload
+    # Bumped when a reload changes what this export's workers were forked with: workers
+    # of an older generation are replaced at request boundaries.
+    generation: int = 0
 
     @property
     def name(self) -> str:
@@ -95,39 +98,39 @@ class Pool:
     def live(self) -> int:
         return len(self.workers)
 
-    def idle_worker(self, generation: int) -> Worker | None:
+    def idle_worker(self) -> Worker | None:
         """An idle worker of the current generation, if there is one."""
         for w in self.workers.values():
-            if w.state == IDLE and w.generation == generation:
+            if w.state == IDLE and w.generation == self.generation:
                 return w
         return None
 
-    def spare(self, generation: int) -> int:
+    def spare(self) -> int:
         """Workers of the current generation that are, or will soon be, free."""
         return sum(
             1
             for w in self.workers.values()
-            if w.state in (IDLE, STARTING) and w.generation == generation
+            if w.state in (IDLE, STARTING) and w.generation == self.generation
         )
 
-    def starts_wanted(self, generation: int, now: float) -> int:
+    def starts_wanted(self, now: float) -> int:
         """How many workers to start now: enough for min_idle spares plus one per
         waiting connection, within max_workers and the start back-off."""
         if now < self.next_start:
             return 0
-        wanted = self.min_idle + len(self.pending) - self.spare(generation)
+        wanted = self.min_idle + len(self.pending) - self.spare()
         room = self.config.max_workers - self.live()
         return max(0, min(wanted, room))
 
-    def is_exhausted(self, generation: int) -> bool:
+    def is_exhausted(self) -> bool:
         """Connections wait that no starting or idle worker will take, and no more
         workers may start."""
-        return len(self.pending) > self.spare(generation) and self.live() >= self.config.max_workers
+        return len(self.pending) > self.spare() and self.live() >= self.config.max_workers
 
-    def excess_idle(self, generation: int, now: float, at_once: bool = False) -> list[Worker]:
+    def excess_idle(self, now: float, at_once: bool = False) -> list[Worker]:
         """Idle workers beyond what the pool wants, longest idle first, that have been
         idle IDLE_TRIM seconds (or all of them, `at_once`)."""
-        excess = self.spare(generation) - self.min_idle - len(self.pending)
+        excess = self.spare() - self.min_idle - len(self.pending)
         idle = sorted(
             (w for w in self.workers.values() if w.state == IDLE), key=lambda w: w.idle_since
         )

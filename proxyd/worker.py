@@ -587,7 +587,8 @@ def _worker(
         on_command=on_command,
         on_log_reopen=on_log_reopen,
     )
-    channel.send(control, {"op": "ready"})
+    if not _report(control, {"op": "ready"}):
+        return EXIT_OK  # retired before it was ready (a reload, a stop): nothing to say
     _title(export.name, index, "idle")
     while True:
         handed = _take_messages(control, block=True)
@@ -600,20 +601,27 @@ def _worker(
         stats = server.serve(conn)
         conn.close()
         op = "released" if stats.reason == "released" else "done"
-        channel.send(
-            control,
-            {
-                "op": op,
-                "conn": conn_id,
-                "requests": stats.requests,
-                "errors": stats.errors,
-                "reason": stats.reason,
-                "protocol_error": stats.protocol_error,
-            },
-        )
-        if op == "released":
+        report = {
+            "op": op,
+            "conn": conn_id,
+            "requests": stats.requests,
+            "errors": stats.errors,
+            "reason": stats.reason,
+            "protocol_error": stats.protocol_error,
+        }
+        if not _report(control, report) or op == "released":
             return EXIT_OK
         _title(export.name, index, "idle")
+
+
+def _report(control: socket.socket, message: dict[str, Any]) -> bool:
+    """Send a report to the master; False when the master has closed our channel
+    (it retired us, or it is gone): the worker then leaves quietly."""
+    try:
+        channel.send(control, message)
+    except (BrokenPipeError, ConnectionResetError):
+        return False
+    return True
 
 
 def _take_messages(control: socket.socket, block: bool) -> tuple[int, dict[str, int], int] | None:

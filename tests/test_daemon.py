@@ -348,6 +348,9 @@ def test_ttin_ttou_change_the_spare_workers(tmp_path: Path) -> None:
 
 
 def test_reload_under_load_is_invisible_to_clients(tmp_path: Path) -> None:
+    """A reload that changes what workers are forked with (the audit level) replaces
+    every worker at a request boundary while 4 clients keep working; one that changes
+    nothing replaces none."""
     with Daemon(tmp_path, [{"name": "a", "max_workers": 8}]) as d:
         clients = [d.connect("a") for _ in range(4)]
         for c in clients:
@@ -367,24 +370,32 @@ def test_reload_under_load_is_invisible_to_clients(tmp_path: Path) -> None:
             except Exception as e:
                 errors.append(f"client {i} after {counts[i]} rounds: {e!r}")
 
+        def progress(rounds: int) -> None:
+            marks = list(counts)
+            moved = lambda: all(n >= m + rounds for n, m in zip(counts, marks, strict=True))  # noqa: E731
+            wait_until(moved, 30, "progress")
+
         threads = [threading.Thread(target=work, args=(i, c)) for i, c in enumerate(clients)]
         for t in threads:
             t.start()
-        time.sleep(0.5)
-        d.signal(signal.SIGHUP)
-        d.wait_event("reload applied", generation=1)
-        time.sleep(1.5)
-        d.signal(signal.SIGHUP)
-        d.wait_event("reload applied", generation=2)
-        time.sleep(1.5)
+        progress(10)
+        for generation, audit in ((1, "all"), (2, "mutations")):
+            write_config(d.config, dict(d.daemon_settings, audit=audit), [d.exports["a"]])
+            d.signal(signal.SIGHUP)
+            d.wait_event("reload applied", generation=generation, replaced=["a"])
+            progress(10)  # clients go on while their workers are replaced
+        wait_until(lambda: not before & set(d.workers()), 30, "every worker replaced")
+        progress(10)
+        replaced = set(d.workers())
+        d.signal(signal.SIGHUP)  # the same configuration again: nothing to replace
+        d.wait_event("reload applied", generation=3, replaced=[])
+        progress(10)
         stop.set()
         for t in threads:
             t.join(10)
         assert not errors, errors
-        assert all(n > 10 for n in counts), counts
-        after = d.worker_titles()
-        assert not before & set(after), "every worker was replaced"
-        assert sum(" conn=" in t for t in after.values()) == 4, after
+        assert set(d.workers()) == replaced
+        assert sum(" conn=" in t for t in d.worker_titles().values()) == 4
 
 
 def test_reload_adds_removes_and_refuses(tmp_path: Path) -> None:
