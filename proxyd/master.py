@@ -159,8 +159,8 @@ class Master:
                 self._rebind(pool)
             self._dispatch(pool)
         for w in list(self.workers.values()):
-            if w.state == BUSY:
-                self._watch_for_hang(w, now)
+            if w.conn is not None:
+                self._watch(w, now)
         self._judge_undecided(now)
         if self.control is not None:
             self.control.expire(now)
@@ -692,7 +692,7 @@ class Master:
         w.state = BUSY
         w.conn = conn
         w.connections += 1
-        w.watch_seq = -1
+        w.watch_mark = None
 
     # --- messages from workers --------------------------------------------------------------
 
@@ -827,16 +827,21 @@ class Master:
 
     def _recover(self, w: Worker, conn: Connection) -> None:
         """Act on the verdict for a connection whose worker died: hand it to a fresh
-        worker (after an EIO where the request may have run), or close it where that is
-        the only safe answer (proxyd/recovery.py)."""
+        worker (running a request that changes nothing again, or answering EIO where
+        the request may have changed the export), or close it where that is the only
+        safe answer (proxyd/recovery.py)."""
         if self.stop_deadline is not None:
             self._close_connection(conn, "daemon stopping")
             return
-        verdict = recovery.judge(w.journal, conn.sock)
-        if verdict.in_flight and self._poisoned(conn):
+        # A request the master killed for running too long is not run again.
+        verdict = recovery.judge(w.journal, conn.sock, retry=w.killed_for != recovery.HUNG)
+        # conn.requests counts the one in flight: with the digest, it names that request.
+        if verdict.executed is not None and self._poisoned(conn, (conn.requests, verdict.executed)):
             return
+        if verdict.again:
+            conn.requests -= 1  # counted again when it runs again
+        conn.prefix = verdict.prefix
         if verdict.action == recovery.HAND_ON:
-            conn.prefix = verdict.prefix
             self._hand_on(conn, verdict.op, verdict.outcome)
         elif verdict.action == recovery.ANSWER_EIO:
             if self._answer_eio(conn, verdict.code):
@@ -848,9 +853,9 @@ class Master:
         else:
             self._uncertain(conn, verdict.op, verdict.outcome)
 
-    def _poisoned(self, conn: Connection) -> bool:
-        """A request that kills whoever serves it: close its connection."""
-        if not recovery.count_death(conn):
+    def _poisoned(self, conn: Connection, request: tuple[int, str]) -> bool:
+        """The same request has killed POISON_DEATHS workers: close its connection."""
+        if not recovery.count_death(conn, request):
             return False
         self.counters["poison_closed"] += 1
         self.log.warning(
@@ -915,32 +920,41 @@ class Master:
         except OSError:
             return False
 
-    def _watch_for_hang(self, w: Worker, now: float) -> None:
-        """A request executing longer than request_timeout: SIGABRT, then SIGKILL."""
-        fields = w.journal.fields
-        if fields[slot.PHASE] != slot.EXECUTING:
-            w.watch_seq = -1
+    def _watch(self, w: Worker, now: float) -> None:
+        """The watchdog, for a worker serving a connection. A request executing longer
+        than request_timeout: SIGABRT (then SIGKILL after ABORT_GRACE); the guest gets
+        EIO. Request bytes waiting that the worker has not taken for request_timeout
+        (stopped, or stuck before its recv): SIGKILL; the request never started, so the
+        connection simply goes on with a fresh worker. A reply being sent gets twice
+        the time: a peer that does not read is the worker's own SO_SNDTIMEO to handle."""
+        assert w.conn is not None
+        kind = recovery.stuck(w.journal, w.conn.sock)
+        mark = recovery.progress_mark(w.journal) if kind is not None else None
+        if mark is None or mark != w.watch_mark:
+            w.watch_mark, w.watch_since = mark, now
             return
-        seq = fields[slot.SEQ]
-        if seq != w.watch_seq:
-            w.watch_seq, w.watch_since = seq, now
+        limit = self.config.request_timeout * (2 if mark[0] == slot.REPLY_READY else 1)
+        if now - w.watch_since < limit:
             return
-        if now - w.watch_since < self.config.request_timeout:
-            return
-        if w.aborted_at is None:
+        if w.killed_for is None:
+            w.killed_for, w.killed_at = kind, now
             code, _ = w.journal.header()
-            self.counters["hung_killed"] += 1
-            self.log.warning(
-                "request timed out, killing worker",
-                export=w.pool.name,
-                worker_pid=w.pid,
-                conn=w.conn.id if w.conn else None,
-                op=recovery.op_name(code) or code,
-                timeout_s=self.config.request_timeout,
-            )
-            w.aborted_at = now
-            self._kill(w, signal.SIGABRT)
-        elif now - w.aborted_at > ABORT_GRACE:
+            fields = {
+                "export": w.pool.name,
+                "worker_pid": w.pid,
+                "conn": w.conn.id,
+                "timeout_s": self.config.request_timeout,
+            }
+            if kind == recovery.UNRESPONSIVE:
+                self.counters["unresponsive_killed"] += 1
+                self.log.warning("worker unresponsive", **fields)
+                self._kill(w, signal.SIGKILL)
+            else:
+                self.counters["hung_killed"] += 1
+                op = recovery.op_name(code) or code
+                self.log.warning("request timed out, killing worker", op=op, **fields)
+                self._kill(w, signal.SIGABRT)
+        elif now - w.killed_at > ABORT_GRACE:  # a stopped process ignores SIGABRT
             self._kill(w, signal.SIGKILL)
 
     # --- the control socket -----------------------------------------------------------------

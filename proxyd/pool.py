@@ -43,7 +43,10 @@ class Connection:
     accepted: float = field(default_factory=time.time)
     requests: int = 0
     errors: int = 0
-    deaths: list[float] = field(default_factory=list)  # in-flight deaths (monotonic times)
+    # Worker deaths while `poison_suspect` (recovery.Verdict.executed) was executing or
+    # replying, as monotonic times.
+    deaths: list[float] = field(default_factory=list)
+    poison_suspect: tuple[int, str] | None = None
     prefix: bytes = b""  # start of a request consumed by a worker that then died
 
 
@@ -62,9 +65,12 @@ class Worker:
     conn: Connection | None = None
     connections: int = 0  # served so far
     requests: int = 0  # by connections it finished
-    watch_seq: int = -1  # hang detection: the request seen executing ...
-    watch_since: float = 0.0  # ... since when (monotonic)
-    aborted_at: float | None = None  # SIGABRT sent (monotonic)
+    # The watchdog: the journal's progress mark while the worker owes its guest
+    # something, since when (monotonic); and what it was killed for, when.
+    watch_mark: tuple[int, int, int] | None = None
+    watch_since: float = 0.0
+    killed_for: str | None = None  # recovery.HUNG or recovery.UNRESPONSIVE
+    killed_at: float = 0.0
     idle_since: float = 0.0  # monotonic time it last became idle
 
     @property

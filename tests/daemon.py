@@ -53,6 +53,25 @@ def children(pid: int) -> list[int]:
     return [int(c) for c in text.split()]
 
 
+# x86-64 system call numbers the tests wait for (asm/unistd_64.h).
+SYS_RECVFROM, SYS_RECVMSG, SYS_TRUNCATE, SYS_OPENAT = 45, 47, 76, 257
+
+
+def syscall(pid: int) -> int | None:
+    """The system call `pid` is blocked in (/proc/PID/syscall), None when it is running
+    or gone."""
+    try:
+        fields = Path(f"/proc/{pid}/syscall").read_text().split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(fields[0]) if fields and fields[0].lstrip("-").isdigit() else None
+
+
+def wait_in_syscall(pid: int, number: int, timeout: float = 10.0) -> None:
+    """Wait until `pid` is blocked in system call `number`."""
+    wait_until(lambda: syscall(pid) == number, timeout, f"pid {pid} in system call {number}")
+
+
 def title(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()

@@ -12,7 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.daemon import Daemon, write_config
+from tests.daemon import (
+    SYS_RECVFROM,
+    SYS_RECVMSG,
+    Daemon,
+    wait_in_syscall,
+    wait_until,
+    write_config,
+)
 from tests.proxyclient import ProxyClient
 
 O_CREAT_EXCL_RDWR = os.O_CREAT | os.O_EXCL | os.O_RDWR
@@ -176,3 +183,48 @@ def test_reload_replaces_only_the_export_it_changes(tmp_path: Path) -> None:
         assert not [e for e in d.events("worker exited") if e.get("export") == "a"]
         assert [e for e in d.events("worker exited") if e.get("export") == "b"]
         assert not error_lines(d), error_lines(d)
+
+
+# --- 11.5 a worker that stops answering is replaced ----------------------------------------
+
+
+def stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_stopped_worker_is_replaced_and_the_request_answered(tmp_path: Path) -> None:
+    """SIGSTOP the worker serving a guest, and the spare that would take the next one;
+    requests sent to either are answered once the watchdog (request_timeout) has
+    replaced the stopped worker, with no EIO: the request never started."""
+    with Daemon(tmp_path, [{"name": "a", "min_idle": 1}], request_timeout=2.0) as d:
+        client = d.connect("a")
+        assert client.lstat("/").ok
+        conn = d.wait_event("connection accepted")[-1]["conn"]
+        victim = d.serving_worker(conn)
+        wait_in_syscall(victim, SYS_RECVFROM)  # waiting for the next request
+        os.kill(victim, signal.SIGSTOP)
+        wait_until(lambda: stopped(victim), what="the worker stopped")
+        sent = time.monotonic()
+        reply = client.lstat("/")
+        waited = time.monotonic() - sent
+        assert reply.ok
+        event = d.wait_event("worker unresponsive", worker_pid=victim)[-1]
+        assert event["conn"] == conn
+        assert not Path(f"/proc/{victim}").exists() or not d.worker_titles().get(victim)
+        assert d.serving_worker(conn) != victim
+        # The timeout is what is tested: replaced after 2 s of silence, well before 30.
+        assert 2.0 <= waited < 30.0, waited
+        print(f"unresponsive worker replaced after {waited:.2f} s (request_timeout 2 s)")
+
+        spare = wait_until(
+            lambda: next((p for p, t in d.worker_titles().items() if t.endswith(" idle")), None),
+            what="a spare worker",
+        )
+        wait_in_syscall(spare, SYS_RECVMSG)  # waiting on its channel for a connection
+        os.kill(spare, signal.SIGSTOP)
+        wait_until(lambda: stopped(spare), what="the spare stopped")
+        second = d.connect("a")  # handed to the stopped spare
+        assert second.lstat("/").ok
+        d.wait_event("worker unresponsive", worker_pid=spare)
+        assert not d.events("crash recovery", outcome="answered EIO")
+        assert client.lstat("/").ok

@@ -4,6 +4,7 @@ one test per row of README's "When a worker dies" table, as the master sees it."
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 
@@ -13,7 +14,7 @@ from proxyd import protocol as p
 from proxyd import recovery, slot
 from proxyd.pool import Connection
 from proxyd.slot import Slot
-from tests.proxyclient import LSTAT, OPEN, marshal
+from tests.proxyclient import LSTAT, MKDIR, OPEN, marshal
 
 HEADER = struct.Struct("=II")
 
@@ -34,9 +35,13 @@ def pair():
     server.close()
 
 
+def request(code: int, fmt: str, *args: object) -> bytes:
+    payload = marshal(fmt, *args)
+    return HEADER.pack(code, len(payload)) + payload
+
+
 def lstat_request(path: str = "/f") -> bytes:
-    payload = marshal("s", path)
-    return HEADER.pack(LSTAT, len(payload)) + payload
+    return request(LSTAT, "s", path)
 
 
 def put(journal: Slot, phase: int, data: bytes = b"", have: int | None = None) -> None:
@@ -51,7 +56,7 @@ def test_idle_or_waiting_for_a_request_is_nothing_in_flight(journal, pair) -> No
     for phase in (slot.IDLE, slot.RECEIVING):
         put(journal, phase)
         verdict = recovery.judge(journal, server)
-        assert (verdict.action, verdict.in_flight, verdict.prefix) == (recovery.HAND_ON, False, b"")
+        assert (verdict.action, verdict.executed, verdict.prefix) == (recovery.HAND_ON, None, b"")
         assert verdict.outcome == "nothing was in flight"
 
 
@@ -60,7 +65,7 @@ def test_partly_received_request_goes_on_with_its_bytes(journal, pair) -> None:
     request = lstat_request()
     put(journal, slot.RECEIVING, request[:5])
     verdict = recovery.judge(journal, server)
-    assert verdict.action == recovery.HAND_ON and verdict.in_flight
+    assert verdict.action == recovery.HAND_ON and verdict.executed is None  # never ran
     assert verdict.prefix == request[:5]
     assert verdict.outcome == "partly received request handed on"
 
@@ -80,14 +85,46 @@ def test_received_but_unrecorded_request_goes_on_whole_if_the_socket_is_empty(
     assert verdict.action == recovery.CLOSE and verdict.outcome == "died while receiving"
 
 
-def test_executing_request_is_answered_eio_in_its_reply_form(journal, pair) -> None:
+def test_executing_a_request_that_changes_nothing_runs_it_again(journal, pair) -> None:
     _, server = pair
-    put(journal, slot.EXECUTING, lstat_request())
-    verdict = recovery.judge(journal, server)
-    assert (verdict.action, verdict.op, verdict.in_flight) == (recovery.ANSWER_EIO, "lstat", True)
+    for read_only in (
+        lstat_request(),
+        request(OPEN, "sd", "/f", os.O_RDONLY),
+        request(OPEN, "sd", "/f", os.O_WRONLY | os.O_APPEND),  # opening changes nothing
+    ):
+        put(journal, slot.EXECUTING, read_only)
+        verdict = recovery.judge(journal, server)
+        assert (verdict.action, verdict.again) == (recovery.HAND_ON, True)
+        assert verdict.prefix == read_only
+        assert verdict.outcome == "request executed again" and verdict.executed
+        # Killed by the master for running too long: not run again (it would hang again).
+        assert recovery.judge(journal, server, retry=False).action == recovery.ANSWER_EIO
+
+
+def test_executing_a_request_that_may_change_the_export_is_answered_eio(journal, pair) -> None:
+    _, server = pair
+    for mutation in (
+        request(MKDIR, "ddsd", 0, 0, "/d", 0o755),
+        request(OPEN, "sd", "/f", os.O_WRONLY | os.O_TRUNC),
+        request(OPEN, "sd", "/f", os.O_RDWR | os.O_CREAT),
+        HEADER.pack(OPEN, 1) + b"x",  # malformed: what it would do is unknown
+    ):
+        put(journal, slot.EXECUTING, mutation)
+        verdict = recovery.judge(journal, server)
+        assert (verdict.action, verdict.again, verdict.prefix) == (recovery.ANSWER_EIO, False, b"")
+        assert verdict.executed
     assert recovery.eio_reply(LSTAT) == p.encode_error(errno.EIO)
     assert recovery.eio_reply(OPEN) == struct.pack("=i", -errno.EIO)
     assert recovery.eio_reply(999) is None
+
+
+def test_bytes_of_a_next_request_already_consumed_go_on_with_the_connection(journal, pair) -> None:
+    _, server = pair
+    mkdir, nxt = request(MKDIR, "ddsd", 0, 0, "/d", 0o755), lstat_request("/next")
+    put(journal, slot.EXECUTING, mkdir + nxt[:7])  # a client that did not wait
+    assert recovery.judge(journal, server).prefix == nxt[:7]
+    put(journal, slot.EXECUTING, lstat_request() + nxt)
+    assert recovery.judge(journal, server).prefix == lstat_request() + nxt
 
 
 def test_reply_still_queued_or_next_request_waiting_means_it_was_sent(journal, pair) -> None:
@@ -107,11 +144,19 @@ def test_reply_state_unknown_when_nothing_is_queued(journal, pair) -> None:
     assert recovery.judge(journal, server).action == recovery.AWAIT_NEXT
 
 
-def test_three_in_flight_deaths_within_the_window_poison_a_connection(pair) -> None:
+def test_only_the_same_request_dying_again_and_again_is_poison(pair) -> None:
     _, server = pair
     conn = Connection(1, server, "e", 1, 0, 0)
-    assert not recovery.count_death(conn, now=100.0)
-    assert not recovery.count_death(conn, now=110.0)
+    same, other = (7, "aa"), (8, "bb")
+    assert not recovery.count_death(conn, same, now=100.0)
+    assert not recovery.count_death(conn, same, now=110.0)
+    assert not recovery.count_death(conn, other, now=111.0)  # bad luck: the count restarts
+    assert not recovery.count_death(conn, same, now=112.0)
+    assert not recovery.count_death(conn, same, now=113.0)
+    assert recovery.count_death(conn, same, now=114.0)
+    conn.poison_suspect, conn.deaths = None, []
+    assert not recovery.count_death(conn, same, now=100.0)
+    assert not recovery.count_death(conn, same, now=110.0)
     # The first death left the window: still two.
-    assert not recovery.count_death(conn, now=100.0 + recovery.POISON_WINDOW + 1)
-    assert recovery.count_death(conn, now=100.0 + recovery.POISON_WINDOW + 2)
+    assert not recovery.count_death(conn, same, now=100.0 + recovery.POISON_WINDOW + 1)
+    assert recovery.count_death(conn, same, now=100.0 + recovery.POISON_WINDOW + 2)

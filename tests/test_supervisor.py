@@ -327,7 +327,7 @@ def test_supervised_proxyd_serves_and_reports(supervised: Supervisor) -> None:
         assert [e["name"] for e in document["exports"]] == ["vm1"]
         assert document["pid"] == int(sup.ctl("pid", "proxyd").stdout)
 
-        # HUP: reload; the live connection moves to a new worker without noticing.
+        # HUP: reload (the configuration is unchanged: the worker stays); still served.
         sup.ctl("signal", "HUP", "proxyd")
         wait_until(lambda: sup.events("reload applied"), 15, "reload applied")
         assert client.lstat("/").ok
