@@ -327,7 +327,9 @@ def _unknown_keys(table: dict[str, Any], known: set[str], where: str) -> None:
             raise ConfigError(f"{where}: unknown key '{key}'")
 
 
-def _export_from_table(table: dict[str, Any], index: int) -> ExportConfig:
+def _export_from_table(
+    table: dict[str, Any], index: int, running: dict[str, ExportConfig]
+) -> ExportConfig:
     where = f"export[{index}]"
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table ([[export]])")
@@ -358,9 +360,18 @@ def _export_from_table(table: dict[str, Any], index: int) -> ExportConfig:
     _in_range(per_uid, "max_connections_per_uid", where, 0, 1_000_000)
     if min_idle > max_workers:
         raise ConfigError(f"{where}.min_idle: {min_idle} is more than max_workers {max_workers}")
+    known = running.get(name)
+    if known is not None and os.path.abspath(path) == known.path and not os.path.isdir(path):
+        # An export already served whose directory is missing right now: that is the
+        # export's own trouble (it is unavailable until the directory is back), not a
+        # reason to refuse a reload that may concern other exports.
+        path, identity = known.path, known.identity
+    else:
+        path = _check_export(path, f"{where}.path")
+        identity = _identity(path)
     return ExportConfig(
         name=name,
-        path=_check_export(path, f"{where}.path"),
+        path=path,
         socket=_check_socket_path(socket_path, f"{where}.socket"),
         socket_uid=int(
             _in_range(
@@ -379,12 +390,15 @@ def _export_from_table(table: dict[str, Any], index: int) -> ExportConfig:
         min_idle=int(min_idle),
         max_workers=int(max_workers),
         max_connections_per_uid=per_uid,
-        identity=_identity(path),
+        identity=identity,
     )
 
 
-def load_file(path: str) -> Config:
-    """Read and validate a TOML configuration file."""
+def load_file(path: str, running: Config | None = None) -> Config:
+    """Read and validate a TOML configuration file; raise ConfigError naming the key.
+
+    `running` (a reload) is the configuration in force: an export it serves under the
+    same name and path may be missing on disk (it keeps its recorded identity)."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -418,7 +432,8 @@ def load_file(path: str) -> Config:
     tables = _typed(data, "export", "config", list, [])
     if not tables:
         raise ConfigError("config: no [[export]] table")
-    exports = tuple(_export_from_table(t, i) for i, t in enumerate(tables))
+    served = {e.name: e for e in running.exports} if running is not None else {}
+    exports = tuple(_export_from_table(t, i, served) for i, t in enumerate(tables))
     check_isolation(exports)
     for attr in ("name", "socket"):
         seen: set[str] = set()

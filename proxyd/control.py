@@ -126,10 +126,12 @@ def format_status(status: dict[str, Any]) -> str:
         "",
     ]
     lines += _table(
-        ["EXPORT", "PATH", "SOCKET", "RO", "WORKERS", "IDLE", "BUSY", "WAITING", "MIN", "MAX"],
+        ["EXPORT", "STATE", "PATH", "SOCKET", "RO", "WORKERS", "IDLE", "BUSY", "WAITING"]
+        + ["MIN", "MAX"],
         [
             [
                 e["name"],
+                "serving" if e.get("available", True) else "UNAVAILABLE",
                 e["path"],
                 e["socket"],
                 "yes" if e["readonly"] else "no",
@@ -176,6 +178,9 @@ def format_status(status: dict[str, Any]) -> str:
             for c in status["connections"]
         ],
     )
+    for e in status["exports"]:
+        if not e.get("available", True):
+            lines += ["", f"export {e['name']} unavailable: {e['unavailable_reason']}"]
     counters = status["counters"]
     lines += [
         "",

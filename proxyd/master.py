@@ -25,6 +25,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import struct
 import time
 from dataclasses import replace
@@ -74,6 +75,12 @@ def _digest(config: Config) -> str:
     return hashlib.sha256(repr(config).encode()).hexdigest()[:16]
 
 
+def _failure_text(how: dict[str, Any]) -> str:
+    if "signal" in how:
+        return f"its workers die at start ({how['signal']})"
+    return f"its workers cannot enter the sandbox (exit code {how.get('exit_code')})"
+
+
 def _describe_exit(status: int) -> dict[str, Any]:
     if os.WIFSIGNALED(status):
         return {"signal": signal.Signals(os.WTERMSIG(status)).name}
@@ -100,6 +107,7 @@ class Master:
         self.exit_code = EXIT_OK
         self.counters: collections.Counter[str] = collections.Counter()
         self.started = time.time()
+        self.first_ready: float | None = None  # start-up ends when a worker first gets ready
         self._bound = bound or {}
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -157,10 +165,20 @@ class Master:
         for pool in self.pools.values():
             if pool.listener is not None and not pool.listener.still_bound():
                 self._rebind(pool)
+            if self._export_problem(pool.config) is not None:
+                # Spares sandboxed into a directory the path no longer names must not
+                # take new connections; busy workers finish theirs, as the reference.
+                for w in [w for w in pool.workers.values() if w.state == IDLE]:
+                    self._retire(w)
             self._dispatch(pool)
         for w in list(self.workers.values()):
             if w.conn is not None:
                 self._watch(w, now)
+            elif w.state == STARTING and time.time() - w.started > self.config.request_timeout:
+                # Stuck setting up its sandbox (a hung mount of the export, say): a
+                # failed start like any other once it is reaped.
+                self.log.warning("worker start timed out", export=w.pool.name, worker_pid=w.pid)
+                self._kill(w, signal.SIGKILL)
         self._judge_undecided(now)
         if self.control is not None:
             self.control.expire(now)
@@ -263,6 +281,7 @@ class Master:
             if worker_view(old, pool.config) != worker_view(new, export):
                 pool.generation += 1
                 replaced.append(export.name)
+                pool.next_start = 0.0  # an unavailable export tries its new settings now
             moved = (export.socket, export.socket_uid, export.socket_gid, export.socket_mode) != (
                 pool.config.socket,
                 pool.config.socket_uid,
@@ -335,7 +354,7 @@ class Master:
     def _reread(self) -> Config:
         if self.config.path is None:
             return self.config  # flags only: nothing to re-read, workers are still replaced
-        new = load_file(self.config.path)
+        new = load_file(self.config.path, running=self.config)
         return replace(
             new,
             daemonize=self.config.daemonize,
@@ -486,6 +505,12 @@ class Master:
 
     def _admit(self, pool: Pool, sock: socket.socket) -> None:
         pid, uid, gid = _peer(sock)
+        if pool.unavailable is not None:
+            self.counters["refused_unavailable"] += 1
+            reason = f"export unavailable: {pool.unavailable}"
+            self._log_refusal(pool.name, pid, uid, gid, reason)
+            sock.close()
+            return
         reason = self._refusal_reason(pool.config, uid, gid)
         if reason is not None:
             self.counters["refused_peers"] += 1
@@ -561,6 +586,11 @@ class Master:
             return
         now = time.monotonic()
         for _ in range(pool.starts_wanted(now)):
+            problem = self._export_problem(pool.config)
+            if problem is not None:  # no fork in vain: the start fails here
+                if pool.unavailable is None:  # unavailable: looked at again next tick
+                    self._start_failed(pool, {"reason": problem})
+                break
             if not self._spawn(pool):
                 break
         if pool.is_exhausted():
@@ -583,6 +613,20 @@ class Master:
                 pool.paused = True
             elif pool.should_resume():
                 self._accept_from(pool)
+
+    def _export_problem(self, export: ExportConfig) -> str | None:
+        """Why the export's directory cannot be served now, or None. The master looks
+        at the directory itself (stat), never into it: the worker's sandbox checks it
+        again through a descriptor."""
+        try:
+            st = os.stat(export.path)
+        except OSError as e:
+            return f"directory: {e.strerror}"
+        if not stat.S_ISDIR(st.st_mode):
+            return "not a directory any more"
+        if export.identity != (0, 0) and (st.st_dev, st.st_ino) != export.identity:
+            return "replaced by another directory (device and inode changed)"
+        return None
 
     def _spawn(self, pool: Pool) -> bool:
         index = pool.next_index
@@ -728,7 +772,18 @@ class Master:
     def _worker_ready(self, w: Worker) -> None:
         w.state = IDLE
         w.idle_since = time.monotonic()
-        w.pool.start_failures = 0
+        pool = w.pool
+        pool.start_failures = 0
+        if self.first_ready is None:
+            self.first_ready = time.time()
+        if pool.unavailable is not None:
+            self.log.info(
+                "export available again",
+                export=pool.name,
+                path=pool.config.path,
+                down_s=round(time.time() - pool.unavailable_since, 1),
+            )
+            pool.unavailable = None
         self.log.info(
             "worker spawned",
             export=w.pool.name,
@@ -773,7 +828,7 @@ class Master:
         how = _describe_exit(status)
         expected = w.state == RETIRING or self.stop_deadline is not None
         if w.state == STARTING:
-            self._start_failed(w, how)
+            self._start_failed(pool, {"worker_pid": w.pid, **how})
         elif expected:
             self.log.info(
                 "worker exited", export=pool.name, worker=w.index, worker_pid=w.pid, **how
@@ -802,20 +857,27 @@ class Master:
                     )
                     break
 
-    def _start_failed(self, w: Worker, how: dict[str, Any]) -> None:
-        pool = w.pool
+    def _start_failed(self, pool: Pool, how: dict[str, Any]) -> None:
+        """A start that never got ready: back off. Five in a row, and the export cannot
+        be served: at start-up (no worker of any export was ever ready) the daemon
+        stops with exit code 3, so that supervisord shows FATAL instead of a silent
+        spin; afterwards that export alone is marked unavailable, its connections are
+        refused, and a start is tried again after each back-off (capped at 10 s) until
+        one gets ready. The other exports never stop for it."""
         delay = pool.start_failed(time.monotonic())
+        if pool.unavailable is not None:  # still down: status says so, the log said it
+            self.log.debug("export still unavailable", export=pool.name, **how)
+            return
         self.log.warning(
             "worker failed to start",
             export=pool.name,
-            worker_pid=w.pid,
             failures=pool.start_failures,
             retry_in_s=round(delay, 2),
             **how,
         )
-        # Five starts in a row that never got ready: the export cannot be served (the
-        # sandbox refuses it, or every start crashes), and spinning would hide that.
-        if pool.start_failures >= START_FAILURES_FATAL and self.stop_deadline is None:
+        if pool.start_failures < START_FAILURES_FATAL or self.stop_deadline is not None:
+            return
+        if self.first_ready is None:
             self.log.error(
                 "export cannot be served, giving up",
                 export=pool.name,
@@ -824,6 +886,19 @@ class Master:
             )
             self.exit_code = EXIT_EXPORT
             self._begin_stop("export cannot be served")
+            return
+        pool.unavailable = str(how.get("reason") or _failure_text(how))
+        pool.unavailable_since = time.time()
+        self.counters["exports_unavailable"] += 1
+        self.log.warning(
+            "export unavailable",
+            export=pool.name,
+            path=pool.config.path,
+            reason=pool.unavailable,
+            failures=pool.start_failures,
+        )
+        while pool.pending:
+            self._close_connection(pool.pending.popleft(), "export unavailable")
 
     def _recover(self, w: Worker, conn: Connection) -> None:
         """Act on the verdict for a connection whose worker died: hand it to a fresh

@@ -96,6 +96,10 @@ class Pool:
     # Bumped when a reload changes what this export's workers were forked with: workers
     # of an older generation are replaced at request boundaries.
     generation: int = 0
+    # Why the export cannot be served (its workers kept failing to start), or None.
+    # While set, its connections are refused and one start is tried per back-off.
+    unavailable: str | None = None
+    unavailable_since: float = 0.0  # wall-clock time
 
     @property
     def name(self) -> str:
@@ -124,8 +128,11 @@ class Pool:
         waiting connection, within max_workers and the start back-off."""
         if now < self.next_start:
             return 0
-        wanted = self.min_idle + len(self.pending) - self.spare()
         room = self.config.max_workers - self.live()
+        if self.unavailable is not None:  # one probe at a time, until one gets ready
+            probing = any(w.state == STARTING for w in self.workers.values())
+            return 0 if probing else min(1, room)
+        wanted = self.min_idle + len(self.pending) - self.spare()
         return max(0, min(wanted, room))
 
     def is_exhausted(self) -> bool:

@@ -162,6 +162,9 @@ def status_document(master: Master) -> dict[str, Any]:
                 "idle": states.count("idle"),
                 "busy": states.count("busy") + states.count("retiring"),
                 "waiting": len(pool.pending),
+                "available": pool.unavailable is None,
+                "unavailable_reason": pool.unavailable,
+                "unavailable_since": pool.unavailable_since if pool.unavailable else None,
             }
         )
     return {

@@ -3,14 +3,19 @@ down (issue 11). Every test runs a real daemon on real sockets with real clients
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.daemon import (
     SYS_RECVFROM,
@@ -20,7 +25,7 @@ from tests.daemon import (
     wait_until,
     write_config,
 )
-from tests.proxyclient import ProxyClient
+from tests.proxyclient import CHECKOUT, ConnectionClosed, ProxyClient
 
 O_CREAT_EXCL_RDWR = os.O_CREAT | os.O_EXCL | os.O_RDWR
 
@@ -228,3 +233,62 @@ def test_stopped_worker_is_replaced_and_the_request_answered(tmp_path: Path) -> 
         d.wait_event("worker unresponsive", worker_pid=spare)
         assert not d.events("crash recovery", outcome="answered EIO")
         assert client.lstat("/").ok
+
+
+# --- 11.3 an export that breaks is that export's problem alone -----------------------------
+
+
+def break_export(how: str, path: Path, aside: Path) -> None:
+    if how == "renamed away":
+        path.rename(aside)
+    elif how == "deleted":
+        path.rename(aside)  # what a guest may still hold open stays intact ...
+        aside.rename(aside.with_name("gone"))  # ... but the export's inode is gone from view
+    else:  # replaced by another directory
+        path.rename(aside)
+        path.mkdir()
+
+
+def restore_export(how: str, d: Daemon, path: Path, aside: Path) -> None:
+    if how == "renamed away":
+        aside.rename(path)  # the same directory again: served without a reload
+        return
+    if how == "deleted":
+        path.mkdir()
+    # A new directory at the path: served after a reload accepts it.
+    d.signal(signal.SIGHUP)
+
+
+@pytest.mark.parametrize("how", ["renamed away", "deleted", "replaced by another directory"])
+def test_broken_export_is_its_own_problem(tmp_path: Path, how: str) -> None:
+    exports = [{"name": "a", "min_idle": 1}, {"name": "b", "min_idle": 1}]
+    control = str(tmp_path / "control.sock")
+    with Daemon(tmp_path, exports, control_socket=control) as d:
+        path, aside = Path(d.exports["a"]["path"]), tmp_path / "aside"
+        a, b = d.connect("a"), d.connect("b")
+        assert a.lstat("/").ok and b.lstat("/").ok
+        break_export(how, path, aside)
+        event = d.wait_event("export unavailable", export="a")[-1]
+        assert event["reason"]
+        for _ in range(3):  # new connections to the broken export are refused ...
+            with pytest.raises((ConnectionClosed, OSError)):
+                d.connect("a", timeout=5).lstat("/")
+            assert b.lstat("/").ok  # ... and the other export never notices
+        d.wait_event("connection refused", export="a")
+        assert d.proc.poll() is None
+        status = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "proxyd", "status", "--json", "--socket", control],
+                capture_output=True,
+                check=True,
+                cwd=CHECKOUT,
+            ).stdout
+        )
+        state = {e["name"]: e for e in status["exports"]}
+        assert not state["a"]["available"] and state["a"]["unavailable_reason"]
+        assert state["b"]["available"]
+        restore_export(how, d, path, aside)
+        d.wait_event("export available again", export="a", timeout=20)
+        again = d.connect("a")
+        assert again.lstat("/").ok and b.lstat("/").ok
+        assert not d.events("export cannot be served, giving up")

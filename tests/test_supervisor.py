@@ -317,7 +317,8 @@ def test_supervised_proxyd_serves_and_reports(supervised: Supervisor) -> None:
         assert client.lstat("/").ok
         status = sup.ctl("proxyd", "status")
         table = status.stdout
-        row = rf"^vm1\s+{re.escape(str(sup.export))}\s+{re.escape(str(sup.socket))}\s+no\s"
+        export, socket_path = re.escape(str(sup.export)), re.escape(str(sup.socket))
+        row = rf"^vm1\s+serving\s+{export}\s+{socket_path}\s+no\s"
         assert re.search(row, table, re.M), table
         busy = re.findall(r"^vm1#\d+\s+(\d+)\s+busy\s+1\s", table, re.M)
         assert len(busy) == 1, table
