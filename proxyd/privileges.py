@@ -24,6 +24,7 @@ import ctypes
 import errno
 import os
 import socket
+from collections.abc import Iterable
 
 import pyseccomp
 
@@ -174,6 +175,22 @@ def make_device_nodes_inert(path: str) -> None:
         ctypes.c_size_t(ctypes.sizeof(attr)),
     )
     _check(ret, "mount_setattr(AT_RECURSIVE, nodev|nosuid|noexec)")
+
+
+def keep_only_descriptors(keep: Iterable[int]) -> None:
+    """Close every descriptor of this process but those in `keep`: one leaked by
+    whoever started us (an open directory of the host's /, say) would outlive the
+    chroot, and the seccomp filter allows openat relative to any descriptor held.
+
+    close_range(2) over the gaps, up to the highest descriptor open (/proc/self/fd, so
+    /proc must still be reachable). Raises OSError if /proc cannot be read.
+    """
+    highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+    low = 0
+    for fd in sorted(set(keep)) + [highest + 1]:
+        if low < fd:  # never an empty range: closerange(0, 0) would close them all
+            os.closerange(low, fd)
+        low = fd + 1
 
 
 def confine_to_export(path: str, identity: tuple[int, int] | None = None) -> None:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import Daemon, wait_until
+from tests.daemon import Daemon, children, title, wait_until
 from tests.proxyclient import (
     CHECKOUT,
     ConnectionClosed,
@@ -1144,6 +1144,138 @@ def test_every_worker_is_sandboxed_idle_and_busy(tmp_path: Path) -> None:
         held = [os.readlink(f"/proc/{master}/fd/{fd}") for fd in os.listdir(f"/proc/{master}/fd")]
         inside = [t for t in held if t == str(export) or t.startswith(f"{export}/")]
         assert not inside, f"the master holds export files: {inside}"
+
+
+def descriptors(pid: int) -> dict[int, str]:
+    """Every open descriptor of `pid` and what it points at; sockets as "socket"."""
+    held = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            held[int(fd)] = "socket" if target.startswith("socket:") else target
+    return held
+
+
+def leaking_parent(argv: list[str], stderr: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """proxyd started by a careless parent: an O_DIRECTORY descriptor of / inherited
+    (the pid, and that descriptor's number in proxyd)."""
+    leak = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with stderr.open("wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "proxyd", *argv],
+                cwd=CHECKOUT,
+                pass_fds=[leak],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+            )
+    finally:
+        os.close(leak)
+    return proc, leak
+
+
+def workers_settled(master: int) -> dict[int, str]:
+    """The master's workers, once there is one serving a connection and one idle."""
+
+    def settled() -> dict[int, str] | None:
+        titles = worker_titles(master)
+        serving = [t for t in titles.values() if " conn=" in t]
+        idle = [t for t in titles.values() if t.endswith(" idle")]
+        return titles if len(serving) == 1 and len(idle) >= 1 else None
+
+    return wait_until(settled, what="a worker serving and one idle")
+
+
+def worker_titles(master: int) -> dict[int, str]:
+    return {pid: title(pid) for pid in children(master)}
+
+
+@pytest.mark.parametrize("destination", ["stderr", "log_file"])
+def test_workers_hold_only_their_own_descriptors(tmp_path: Path, destination: str) -> None:
+    """A descriptor leaked by proxyd's parent stays in the master (trusted, unconfined)
+    and never reaches a worker: a worker holds stdin/stdout/stderr, its channel to the
+    master, its log file and the connection it serves, nothing else."""
+    export, sock = tmp_path / "export", tmp_path / "s.sock"
+    export.mkdir()
+    stderr, log_file = tmp_path / "stderr", tmp_path / "proxyd.log"
+    argv = ["-n", "-p", str(export), "-s", str(sock), "-u", "0", "-g", "0"]
+    if destination == "log_file":
+        argv += ["--log-file", str(log_file)]
+    proc, leak = leaking_parent(argv, stderr)
+    try:
+        wait_until(sock.exists, what="the socket")
+        assert descriptors(proc.pid).get(leak) == "/", "the master did not inherit the leak"
+        client_sock = socket.socket(socket.AF_UNIX)
+        client_sock.connect(str(sock))
+        client = ProxyClient(client_sock)
+        expect_ok(client.lstat("/"), "lstat")
+        titles = workers_settled(proc.pid)
+        for pid, text in titles.items():
+            held = descriptors(pid)
+            files = [held[fd] for fd in (0, 1, 2)]
+            assert files == ["/dev/null", str(stderr), str(stderr)], f"{text}: stdio {held}"
+            rest = sorted(target for fd, target in held.items() if fd > 2)
+            expected = ["socket", "socket"] if " conn=" in text else ["socket"]
+            if destination == "log_file":
+                expected = sorted([*expected, str(log_file)])
+            assert rest == expected, f"{text} holds {held}"
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def test_a_worker_logging_to_syslog_keeps_its_connection_to_it(tmp_path: Path) -> None:
+    """Daemon mode without a log file logs to syslog: a worker closes every inherited
+    descriptor, libc's syslog socket included, and connects to /dev/log again before
+    its chroot. proxyd runs in a mount namespace of its own whose /dev/log is a
+    datagram socket of this test (this machine has no syslog daemon)."""
+    export, sock, pidfile = tmp_path / "export", tmp_path / "s.sock", tmp_path / "pid"
+    export.mkdir()
+    syslog_path = tmp_path / "log"
+    syslogd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    syslogd.bind(str(syslog_path))
+    syslogd.settimeout(10)
+    dev = (
+        "mount -t tmpfs dev /dev && mknod -m 666 /dev/null c 1 3 && touch /dev/log && "
+        'mount --bind "$0" /dev/log && exec "$@"'
+    )
+    argv = ["-p", str(export), "-s", str(sock), "-u", "0", "-g", "0", "--pidfile", str(pidfile)]
+    shell = ["unshare", "--mount", "--propagation", "private", "sh", "-c", dev, str(syslog_path)]
+    started = subprocess.run(
+        [*shell, sys.executable, "-m", "proxyd", *argv],
+        cwd=CHECKOUT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert started.returncode == 0, started.stderr
+    wait_until(pidfile.exists, what="the pidfile")
+    master = int(pidfile.read_text())
+    try:
+        wait_until(sock.exists, what="the socket")
+        client_sock = socket.socket(socket.AF_UNIX)
+        client_sock.connect(str(sock))
+        client = ProxyClient(client_sock)
+        expect_ok(client.mkdir(0, 0, "/audited", 0o755), "mkdir")  # a worker's audit line
+        titles = workers_settled(master)
+        (serving,) = [pid for pid, text in titles.items() if " conn=" in text]
+        seen = []
+        while not any(f"proxyd[{serving}]" in m and '"op":"mkdir"' in m for m in seen):
+            seen.append(syslogd.recv(65536).decode(errors="replace"))  # TimeoutError: none
+        for pid, text in titles.items():
+            held = descriptors(pid)
+            stdio, rest = [held.pop(fd) for fd in (0, 1, 2)], sorted(held.values())
+            assert stdio == ["/dev/null"] * 3, f"{text}: {stdio}"
+            # The channel, the syslog socket, and the connection if serving.
+            expected = 3 if " conn=" in text else 2
+            assert rest == ["socket"] * expected, f"{text} holds {rest}"
+        client.close()
+    finally:
+        os.kill(master, signal.SIGTERM)
+        wait_until(lambda: not worker_titles(master), 15, "the daemon's workers to stop")
+        syslogd.close()
 
 
 # --- 11. seccomp, exercised with gdb -------------------------------------------------------------
