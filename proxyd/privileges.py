@@ -5,6 +5,9 @@ is named after what it guarantees. Afterwards the process:
 
 * sees only the export (chroot, cwd "/"), creates files with exactly the modes the
   guest asks for (umask 0);
+* sees the export's mounts with every flag they have on the host (ro, nosymfollow,
+  atime flags, ...) plus nodev, nosuid and noexec, and follows the host's later
+  mounts and unmounts where the host's mounts are shared;
 * holds only the seven capabilities the protocol needs, in its permitted and
   effective sets, and nothing else, even in its bounding set;
 * can never gain privileges again through exec (no_new_privs).
@@ -21,6 +24,7 @@ import ctypes
 import errno
 import os
 import socket
+from collections.abc import Iterable
 
 import pyseccomp
 
@@ -116,23 +120,77 @@ def die_with_parent(sig: int) -> None:
 
 
 CLONE_NEWNS = 0x00020000
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
-MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
+MS_REC, MS_SLAVE = 0x4000, 0x80000
+MS_BIND = 0x1000
+AT_FDCWD = -100
+AT_RECURSIVE = 0x8000
+MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC = 0x2, 0x4, 0x8
+_SYS_MOUNT_SETATTR = 442  # one number on every architecture but alpha (calls added since 5.1)
+
+
+class _MountAttr(ctypes.Structure):
+    """struct mount_attr of mount_setattr(2), MOUNT_ATTR_SIZE_VER0 (32 bytes)."""
+
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def follow_host_mounts() -> None:
+    """A mount namespace of our own that is a slave of the host's: mounts and unmounts
+    the host makes in a shared mount (systemd makes / shared) reach this process, and
+    nothing this process mounts reaches the host. A mount that is private on the host
+    propagates nothing, so below one the process keeps the mounts present at this call
+    (mount_namespaces(7), "MS_SLAVE")."""
+    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(_libc.mount(b"none", b"/", None, MS_REC | MS_SLAVE, None), "mount(MS_SLAVE)")
 
 
 def make_device_nodes_inert(path: str) -> None:
     """Device nodes in the export cannot be opened by this process, even as root, and
-    nothing in it can be executed: a private mount namespace where the export is
-    bound on itself nodev,nosuid,noexec. Guests still create device nodes (MKNOD is
-    part of the protocol); proxyd never opens them, and now a compromised worker
-    could not either."""
-    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    # Our mount changes stay ours: nothing propagates back to the host.
-    _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount(MS_PRIVATE)")
+    nothing in it can be executed: the export is bound on itself (in the namespace of
+    follow_host_mounts) and that mount, and every mount below it, gets nodev, nosuid
+    and noexec ADDED to the flags it had on the host. mount_setattr(2) only sets the
+    bits it is given, so ro, nosymfollow and the atime flags of the host's mounts stay
+    (a remount with MS_BIND|MS_REMOUNT would replace them all, and only on the top
+    mount). Guests still create device nodes (MKNOD is part of the protocol); proxyd
+    never opens them, and now a compromised worker could not either.
+
+    Raises OSError if a step fails (mount_setattr needs Linux 5.12).
+    """
     target = os.fsencode(path)
+    # A bind of a slave mount is a slave of the same peer group: it receives the host's
+    # mount events below the export too.
     _check(_libc.mount(target, target, None, MS_BIND | MS_REC, None), "mount(MS_BIND)")
-    flags = MS_BIND | MS_REMOUNT | MS_NODEV | MS_NOSUID | MS_NOEXEC
-    _check(_libc.mount(None, target, None, flags, None), "mount(MS_REMOUNT)")
+    attr = _MountAttr(MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC, 0, 0, 0)
+    ret = _libc.syscall(
+        _SYS_MOUNT_SETATTR,
+        ctypes.c_int(AT_FDCWD),
+        target,
+        ctypes.c_uint(AT_RECURSIVE),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    _check(ret, "mount_setattr(AT_RECURSIVE, nodev|nosuid|noexec)")
+
+
+def keep_only_descriptors(keep: Iterable[int]) -> None:
+    """Close every descriptor of this process but those in `keep`: one leaked by
+    whoever started us (an open directory of the host's /, say) would outlive the
+    chroot, and the seccomp filter allows openat relative to any descriptor held.
+
+    close_range(2) over the gaps, up to the highest descriptor open (/proc/self/fd, so
+    /proc must still be reachable). Raises OSError if /proc cannot be read.
+    """
+    highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+    low = 0
+    for fd in sorted(set(keep)) + [highest + 1]:
+        if low < fd:  # never an empty range: closerange(0, 0) would close them all
+            os.closerange(low, fd)
+        low = fd + 1
 
 
 def confine_to_export(path: str, identity: tuple[int, int] | None = None) -> None:
@@ -189,6 +247,7 @@ def enter_sandbox(
         raise SandboxError("proxyd must run as root to chroot into the export")
     try:
         last_cap = _last_cap()  # /proc is out of reach once chrooted
+        follow_host_mounts()
         make_device_nodes_inert(export)
         confine_to_export(export, identity)
         create_with_requested_modes()

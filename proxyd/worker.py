@@ -14,6 +14,7 @@ import resource
 import signal
 import socket
 import struct
+import syslog
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -552,6 +553,12 @@ def _worker(
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     _quiet_signals()
     _title(export.name, index, "starting")
+    # Only our own descriptors go into the sandbox. libc's syslog socket is closed with
+    # the rest (closelog first, so that libc forgets it) and connected again below,
+    # before the chroot hides /dev/log.
+    if log.uses_syslog():
+        syslog.closelog()
+    privileges.keep_only_descriptors((0, 1, 2, control.fileno(), log.current_fd()))
     # The master's destination (stderr, log file or syslog), set up again for this pid.
     log.configure(
         config.log_format, config.log_level, to_syslog=log.uses_syslog(), fd=log.current_fd()

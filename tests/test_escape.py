@@ -11,8 +11,8 @@ nothing new may appear outside the export.
 Sections: `..` chains and absolute paths in every request; where `..` lands instead;
 symlinks; the export root; device nodes, FIFOs and sockets; setuid files and file
 capabilities; O_PATH; races from a second connection; nested exports and a socket
-inside an export (known escapes, marked xfail); capabilities read from /proc; seccomp
-exercised with gdb.
+inside an export (known escapes, marked xfail); capabilities and descriptors read from
+/proc; seccomp exercised on the worker's own sandbox set-up, in a child process.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import Daemon, wait_until
+from tests.daemon import Daemon, children, title, wait_until
 from tests.proxyclient import (
     CHECKOUT,
     ConnectionClosed,
@@ -925,37 +925,58 @@ def test_directory_swapped_for_outward_symlink_race(tmp_path: Path, host: Host) 
     host.assert_untouched(f"directory/symlink swap race ({attempts} attempts, {swaps[0]} swaps)")
 
 
+RACE_LIMIT = 30.0  # seconds: a race not yet seen both ways goes on this long at most
+RACE_SIDES = 50  # replies required while the path was a file, and while it was a device
+
+
 def test_regular_file_swapped_for_device_race(tmp_path: Path, host: Host) -> None:
-    """The pre-open check and the open are two steps: a guest swapping a device node in
-    between gets the worker to run the device's open routine (O_NONBLOCK, then refused
-    on fstat). What must hold: no device descriptor ever reaches the client."""
+    """The pre-open check and the open are two steps, and a second connection swaps a
+    device node in and out under the name being opened. What must hold, whoever wins
+    each round: no device descriptor ever reaches the client, and the device is never
+    opened (inotify would see IN_OPEN on the node; the control is
+    test_inotify_would_see_a_device_open). Which errno a refusal gets depends on where
+    the swap landed (ENXIO: the check saw the device; EACCES: the open did, on the
+    worker's nodev mount; ENOENT: the name was parked), so only the sides are counted:
+    the race must really have been run both ways."""
     race = host.export / "devrace"
     race.mkdir()
     (race / "f").write_text("regular")
     os.mknod(race / "dev", stat.S_IFCHR | 0o600, os.makedev(1, 3))  # /dev/null: harmless
     watcher = Inotify()
-    watcher.watch(race / "dev")
-    with race_daemon(tmp_path, host) as d:
-        worker, swapper = d.connect("race"), d.connect("race")
-        until = time.monotonic() + RACE_SECONDS
-        thread = threading.Thread(
-            target=swap_loop, args=(swapper, "/devrace/f", "/devrace/dev", "/devrace/p", until)
-        )
-        thread.start()
-        outcomes: dict[str, int] = {}
-        while time.monotonic() < until:
-            reply = worker.open("/devrace/f", os.O_RDONLY)
-            if reply.fd is not None:
-                mode = os.fstat(reply.fd).st_mode
-                os.close(reply.fd)
-                assert stat.S_ISREG(mode), f"the client got a descriptor of mode {mode:o}"
-            key = errno.errorcode.get(errno_of(reply), "ok")
-            outcomes[key] = outcomes.get(key, 0) + 1
-        thread.join()
-    opened = sum(1 for e in watcher.read() if e.mask & IN_OPEN)
-    watcher.close()
-    print(f"device swap race: {outcomes}; the device was opened {opened} times")
-    assert set(outcomes) <= {"ok", "ENXIO", "ENOENT"}, outcomes
+    watcher.watch(race / "dev")  # the node's inode, under whichever name it has
+    sides = {"file": 0, "device": 0}
+    errnos: dict[str, int] = {}
+    started = time.monotonic()
+    try:
+        with race_daemon(tmp_path, host) as d:
+            worker, swapper = d.connect("race"), d.connect("race")
+            while min(sides.values()) < RACE_SIDES and time.monotonic() - started < RACE_LIMIT:
+                until = time.monotonic() + RACE_SECONDS
+                names = ("/devrace/f", "/devrace/dev", "/devrace/p")
+                swaps = threading.Thread(target=swap_loop, args=(swapper, *names, until))
+                swaps.start()
+                while swaps.is_alive():
+                    reply = worker.open("/devrace/f", os.O_RDONLY)
+                    if reply.fd is not None:
+                        mode = os.fstat(reply.fd).st_mode
+                        os.close(reply.fd)
+                        assert stat.S_ISREG(mode), f"the client got a descriptor of mode {mode:o}"
+                        sides["file"] += 1
+                        continue
+                    name = errno.errorcode.get(errno_of(reply), str(errno_of(reply)))
+                    errnos[name] = errnos.get(name, 0) + 1
+                    if name in ("ENXIO", "EACCES"):
+                        sides["device"] += 1
+                swaps.join()
+        opened = [str(e) for e in watcher.read() if e.mask & _NODE_USED]
+    finally:
+        watcher.close()
+    took = time.monotonic() - started
+    print(f"device swap race, {took:.1f} s: {sides['file']} file descriptors, refusals {errnos}")
+    assert not opened, f"the device node was opened: {opened}"
+    assert min(sides.values()) >= RACE_SIDES, (
+        f"the race was not run both ways in {took:.0f} s: {sides}, refusals {errnos}"
+    )
     host.assert_untouched("regular/device swap race")
 
 
@@ -1146,87 +1167,297 @@ def test_every_worker_is_sandboxed_idle_and_busy(tmp_path: Path) -> None:
         assert not inside, f"the master holds export files: {inside}"
 
 
-# --- 11. seccomp, exercised with gdb -------------------------------------------------------------
+def descriptors(pid: int) -> dict[int, str]:
+    """Every open descriptor of `pid` and what it points at; sockets as "socket"."""
+    held = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            held[int(fd)] = "socket" if target.startswith("socket:") else target
+    return held
 
 
-def gdb_call(pid: int, *expressions: str) -> tuple[list[int], str]:
-    """Make process `pid` evaluate each expression (a function call) under gdb; return
-    the printed values and gdb's whole output."""
-    gdb = shutil.which("gdb")
-    assert gdb, "gdb is needed (scripts/test installs it)"
-    argv = [gdb, "-nx", "-batch", "-iex", "set auto-load off", "-p", str(pid)]
-    for expression in expressions:
-        argv += ["-ex", f"print {expression}"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-    output = done.stdout + done.stderr
-    return [int(v) for v in re.findall(r"^\$\d+ = (-?\d+)", output, re.M)], output
-
-
-def serving_daemon(tmp_path: Path, **settings: str) -> tuple[Daemon, ProxyClient, int]:
-    """A daemon, a connected client and the pid of the worker serving it, idle."""
-    d = Daemon(tmp_path, [{"name": "sc", "min_idle": 1}], **settings)
+def leaking_parent(argv: list[str], stderr: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """proxyd started by a careless parent: an O_DIRECTORY descriptor of / inherited
+    (the pid, and that descriptor's number in proxyd)."""
+    leak = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
     try:
+        with stderr.open("wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "proxyd", *argv],
+                cwd=CHECKOUT,
+                pass_fds=[leak],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+            )
+    finally:
+        os.close(leak)
+    return proc, leak
+
+
+def workers_settled(master: int) -> dict[int, str]:
+    """The master's workers, once there is one serving a connection and one idle."""
+
+    def settled() -> dict[int, str] | None:
+        titles = worker_titles(master)
+        serving = [t for t in titles.values() if " conn=" in t]
+        idle = [t for t in titles.values() if t.endswith(" idle")]
+        return titles if len(serving) == 1 and len(idle) >= 1 else None
+
+    return wait_until(settled, what="a worker serving and one idle")
+
+
+def worker_titles(master: int) -> dict[int, str]:
+    return {pid: title(pid) for pid in children(master)}
+
+
+@pytest.mark.parametrize("destination", ["stderr", "log_file"])
+def test_workers_hold_only_their_own_descriptors(tmp_path: Path, destination: str) -> None:
+    """A descriptor leaked by proxyd's parent stays in the master (trusted, unconfined)
+    and never reaches a worker: a worker holds stdin/stdout/stderr, its channel to the
+    master, its log file and the connection it serves, nothing else."""
+    export, sock = tmp_path / "export", tmp_path / "s.sock"
+    export.mkdir()
+    stderr, log_file = tmp_path / "stderr", tmp_path / "proxyd.log"
+    argv = ["-n", "-p", str(export), "-s", str(sock), "-u", "0", "-g", "0"]
+    if destination == "log_file":
+        argv += ["--log-file", str(log_file)]
+    proc, leak = leaking_parent(argv, stderr)
+    try:
+        wait_until(sock.exists, what="the socket")
+        assert descriptors(proc.pid).get(leak) == "/", "the master did not inherit the leak"
+        client_sock = socket.socket(socket.AF_UNIX)
+        client_sock.connect(str(sock))
+        client = ProxyClient(client_sock)
+        expect_ok(client.lstat("/"), "lstat")
+        titles = workers_settled(proc.pid)
+        for pid, text in titles.items():
+            held = descriptors(pid)
+            files = [held[fd] for fd in (0, 1, 2)]
+            assert files == ["/dev/null", str(stderr), str(stderr)], f"{text}: stdio {held}"
+            rest = sorted(target for fd, target in held.items() if fd > 2)
+            expected = ["socket", "socket"] if " conn=" in text else ["socket"]
+            if destination == "log_file":
+                expected = sorted([*expected, str(log_file)])
+            assert rest == expected, f"{text} holds {held}"
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def test_a_worker_logging_to_syslog_keeps_its_connection_to_it(tmp_path: Path) -> None:
+    """Daemon mode without a log file logs to syslog: a worker closes every inherited
+    descriptor, libc's syslog socket included, and connects to /dev/log again before
+    its chroot. proxyd runs in a mount namespace of its own whose /dev/log is a
+    datagram socket of this test (this machine has no syslog daemon)."""
+    export, sock, pidfile = tmp_path / "export", tmp_path / "s.sock", tmp_path / "pid"
+    export.mkdir()
+    syslog_path = tmp_path / "log"
+    syslogd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    syslogd.bind(str(syslog_path))
+    syslogd.settimeout(10)
+    dev = (
+        "mount -t tmpfs dev /dev && mknod -m 666 /dev/null c 1 3 && touch /dev/log && "
+        'mount --bind "$0" /dev/log && exec "$@"'
+    )
+    argv = ["-p", str(export), "-s", str(sock), "-u", "0", "-g", "0", "--pidfile", str(pidfile)]
+    shell = ["unshare", "--mount", "--propagation", "private", "sh", "-c", dev, str(syslog_path)]
+    started = subprocess.run(
+        [*shell, sys.executable, "-m", "proxyd", *argv],
+        cwd=CHECKOUT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert started.returncode == 0, started.stderr
+    wait_until(pidfile.exists, what="the pidfile")
+    master = int(pidfile.read_text())
+    try:
+        wait_until(sock.exists, what="the socket")
+        client_sock = socket.socket(socket.AF_UNIX)
+        client_sock.connect(str(sock))
+        client = ProxyClient(client_sock)
+        expect_ok(client.mkdir(0, 0, "/audited", 0o755), "mkdir")  # a worker's audit line
+        titles = workers_settled(master)
+        (serving,) = [pid for pid, text in titles.items() if " conn=" in text]
+        seen = []
+        while not any(f"proxyd[{serving}]" in m and '"op":"mkdir"' in m for m in seen):
+            seen.append(syslogd.recv(65536).decode(errors="replace"))  # TimeoutError: none
+        for pid, text in titles.items():
+            held = descriptors(pid)
+            stdio, rest = [held.pop(fd) for fd in (0, 1, 2)], sorted(held.values())
+            assert stdio == ["/dev/null"] * 3, f"{text}: {stdio}"
+            # The channel, the syslog socket, and the connection if serving.
+            expected = 3 if " conn=" in text else 2
+            assert rest == ["socket"] * expected, f"{text} holds {rest}"
+        client.close()
+    finally:
+        os.kill(master, signal.SIGTERM)
+        wait_until(lambda: not worker_titles(master), 15, "the daemon's workers to stop")
+        syslogd.close()
+
+
+# --- 11. seccomp, on the worker's own sandbox set-up -----------------------------------------
+# A child process runs privileges.enter_sandbox (the very function a worker runs) on a
+# temporary export, says so, waits for a byte on stdin (so that its /proc/PID/status can be
+# read while it is sandboxed), then makes one system call through libc and reports what it
+# returned. No debugger: the call is the child's own.
+
+SANDBOXED_CALL = """
+import ctypes, errno, os, sys
+from proxyd import privileges
+
+export, mode, call = sys.argv[1:]
+libc = ctypes.CDLL(None, use_errno=True)
+handle = ctypes.create_string_buffer(b"\\x08" + bytes(15))  # struct file_handle, 8 bytes
+calls = {
+    "socket(AF_INET)": lambda: libc.socket(2, 1, 0),
+    "socket(AF_UNIX)": lambda: libc.socket(1, 1, 0),
+    "mount": lambda: libc.mount(b"none", b"/", b"tmpfs", 0, None),
+    "ptrace": lambda: libc.ptrace(16, os.getpid(), None, None),  # PTRACE_ATTACH
+    "unshare": lambda: libc.unshare(0x20000),  # CLONE_NEWNS
+    "setns": lambda: libc.setns(-1, 0),
+    "chroot": lambda: libc.chroot(b"/"),
+    "open_by_handle_at": lambda: libc.open_by_handle_at(-100, handle, 0),
+    "execve": lambda: libc.execve(b"/bin/sh", None, None),
+    "memfd_create": lambda: libc.memfd_create(b"x", 0),
+    "kill": lambda: libc.kill(os.getppid(), 0),
+}
+privileges.enter_sandbox(export, mode)
+os.write(1, b"sandboxed\\n")
+os.read(0, 1)
+result = calls[call]()
+err = errno.errorcode.get(ctypes.get_errno(), "") if result == -1 else ""
+os.write(1, f"returned {result} {err}\\n".encode())
+os._exit(0)
+"""
+
+
+@dataclass
+class SandboxedCall:
+    status: dict[str, str]  # /proc/PID/status of the child, sandboxed, before the call
+    returncode: int
+    output: str  # what the child wrote: "sandboxed", then "returned RESULT ERRNO"
+
+
+def call_in_sandbox(tmp_path: Path, mode: str, call: str) -> SandboxedCall:
+    """Make `call` from a process sandboxed as a worker is, seccomp `mode`."""
+    export = tmp_path / "export"
+    export.mkdir(exist_ok=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", SANDBOXED_CALL, str(export), mode, call],
+        cwd=CHECKOUT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert child.stdin and child.stdout
+    try:
+        first = child.stdout.readline()
+        assert first == "sandboxed\n", f"the child did not sandbox itself: {first}"
+        status = status_fields(child.pid)
+        child.stdin.write("x")
+        child.stdin.close()
+        rest = child.stdout.read()
+        returncode = child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    return SandboxedCall(status, returncode, first + rest)
+
+
+# What each call does in a sandboxed worker when the filter is off: it reaches the kernel,
+# which refuses most of them for want of a capability.
+UNFILTERED = {
+    "socket(AF_INET)": "a descriptor",
+    "socket(AF_UNIX)": "a descriptor",
+    "mount": "EPERM",  # CAP_SYS_ADMIN dropped
+    "ptrace": "EPERM",  # never oneself
+    "unshare": "EPERM",
+    "setns": "EBADF",
+    "chroot": "EPERM",  # CAP_SYS_CHROOT dropped
+    "open_by_handle_at": "EPERM",  # CAP_DAC_READ_SEARCH dropped
+    "execve": "ENOENT",  # nothing to run in the export
+    "memfd_create": "a descriptor",
+    "kill": "0",
+}
+FORBIDDEN = [call for call in UNFILTERED if call != "socket(AF_UNIX)"]
+
+
+def returned(run: SandboxedCall) -> str:
+    """The child's report of its call: "a descriptor", "0", or an errno name."""
+    match = re.search(r"^returned (-?\d+) (\w*)$", run.output, re.M)
+    assert match, f"the call did not return: exit {run.returncode}, output {run.output!r}"
+    value, err = int(match.group(1)), match.group(2)
+    if value == -1:
+        return err
+    return "a descriptor" if value > 2 else str(value)
+
+
+@pytest.mark.parametrize("call", FORBIDDEN)
+def test_forbidden_syscall_kills_the_sandboxed_process(tmp_path: Path, call: str) -> None:
+    run = call_in_sandbox(tmp_path, "kill", call)
+    assert run.status["Seccomp"] == "2", f"not filtered: Seccomp {run.status['Seccomp']}"
+    assert int(run.status["CapEff"], 16) == WORKER_CAPS, run.status["CapEff"]
+    assert run.returncode == -signal.SIGSYS, (
+        f"{call}: exit {run.returncode}, output {run.output!r} (SIGSYS expected)"
+    )
+    assert "returned" not in run.output, f"{call} returned: {run.output!r}"
+
+
+def test_unix_socket_is_refused_without_killing(tmp_path: Path) -> None:
+    """glibc's syslog reconnects after a syslogd restart: refused quietly, not fatal."""
+    run = call_in_sandbox(tmp_path, "kill", "socket(AF_UNIX)")
+    assert run.status["Seccomp"] == "2"
+    assert (run.returncode, returned(run)) == (0, "EACCES"), run.output
+
+
+@pytest.mark.parametrize("mode", ["off", "log"])
+@pytest.mark.parametrize("call", list(UNFILTERED))
+def test_without_the_filter_the_same_call_runs(tmp_path: Path, call: str, mode: str) -> None:
+    """The control for the tests above: the same calls, in the same sandbox, reach the
+    kernel and return when the filter is off, or only logs ("log")."""
+    run = call_in_sandbox(tmp_path, mode, call)
+    assert run.status["Seccomp"] == ("0" if mode == "off" else "2")
+    assert int(run.status["CapEff"], 16) == WORKER_CAPS, run.status["CapEff"]
+    expected = UNFILTERED[call]
+    if mode == "log" and call == "socket(AF_UNIX)":
+        expected = "EACCES"  # the filter's quiet refusal holds in both modes
+    assert (run.returncode, returned(run)) == (0, expected), run.output
+
+
+SYS_RECVFROM = 45  # x86_64: where a worker waits for its next request (recv_into)
+
+
+def test_a_worker_killed_by_sigsys_is_replaced_and_the_guest_keeps_its_mount(
+    tmp_path: Path,
+) -> None:
+    """What the master does when the filter kills a worker. Nothing a guest can send
+    makes a worker call outside the filter (that would be a bug), so the signal comes
+    from kill(2); the filter's own kill is shown above to end a sandboxed process the
+    same way (killed by SIGSYS)."""
+    d = Daemon(tmp_path, [{"name": "sc", "min_idle": 1}])
+    with d:
         client = d.connect("sc")
         expect_ok(client.mkdir(0, 0, "/d", 0o755), "mkdir")
         victim = d.serving_worker(d.wait_event("connection accepted")[-1]["conn"])
         wait_until(lambda: len(d.workers()) == 2, what="a spare worker")
-        time.sleep(0.1)  # let it reach its request boundary: idle, waiting for a request
-    except BaseException:
-        d.stop()
-        raise
-    return d, client, victim
 
+        def waiting_for_a_request() -> bool:
+            syscall = Path(f"/proc/{victim}/syscall").read_text().split()
+            return bool(syscall) and syscall[0] == str(SYS_RECVFROM)
 
-FORBIDDEN = {
-    "socket(AF_INET)": "(int)socket(2, 1, 0)",
-    "mount": '(int)mount("none", "/", "tmpfs", 0, 0)',
-    "ptrace": "(long)ptrace(0, 0, 0, 0)",
-}
-
-
-@pytest.mark.parametrize("call", list(FORBIDDEN))
-def test_forbidden_syscall_kills_only_that_worker(tmp_path: Path, call: str) -> None:
-    d, client, victim = serving_daemon(tmp_path)
-    with d:
+        wait_until(waiting_for_a_request, what="the worker back at its request boundary")
         others = [pid for pid in d.workers() if pid != victim]
-        _, output = gdb_call(victim, FORBIDDEN[call])
-        assert "SIGSYS" in output, f"{call}: the worker was not killed by SIGSYS:\n{output}"
+        os.kill(victim, signal.SIGSYS)
         died = d.wait_event("worker died", worker_pid=victim)
-        assert died[0].get("signal") == "SIGSYS", f"{call}: {died}"
+        assert died[0].get("signal") == "SIGSYS", died
         d.wait_event("crash recovery", outcome="nothing was in flight")
-        expect_ok(client.lstat("/d"), f"the next request after {call}")  # transparent
-        assert victim not in d.workers(), f"{call}: the killed worker is still there"
-        assert all(os.path.exists(f"/proc/{pid}") for pid in others), (
-            f"{call}: another worker died too"
-        )
-        assert d.proc.poll() is None, f"{call}: the master died"
-
-
-def test_unix_socket_is_refused_without_killing(tmp_path: Path) -> None:
-    d, client, victim = serving_daemon(tmp_path)
-    with d:
-        values, output = gdb_call(victim, "(int)socket(1, 1, 0)", "(int)*__errno_location()")
-        assert values == [-1, errno.EACCES], f"socket(AF_UNIX) gave {values}:\n{output}"
-        assert os.path.exists(f"/proc/{victim}"), "socket(AF_UNIX) killed the worker"
-        expect_ok(client.lstat("/d"), "the next request")
-        assert d.serving_worker(d.events("connection accepted")[-1]["conn"]) == victim
-        assert not d.events("worker died")
-
-
-@pytest.mark.parametrize(
-    "call, expected",
-    [("socket(AF_INET)", "a descriptor"), ("mount", "EPERM (capabilities still hold)")],
-)
-def test_without_the_filter_the_same_call_runs(tmp_path: Path, call: str, expected: str) -> None:
-    d, client, victim = serving_daemon(tmp_path, seccomp="off")
-    with d:
-        assert status_fields(victim)["Seccomp"] == "0", "seccomp=off still filters"
-        values, output = gdb_call(victim, FORBIDDEN[call], "(int)*__errno_location()")
-        assert os.path.exists(f"/proc/{victim}"), f"{call} killed the unfiltered worker"
-        if call == "mount":
-            assert values == [-1, errno.EPERM], f"mount without seccomp gave {values}:\n{output}"
-        else:
-            assert values and values[0] >= 0, f"socket without seccomp gave {values}:\n{output}"
-            gdb_call(victim, f"(int)close({values[0]})")
-        expect_ok(client.lstat("/d"), "the next request")
-        assert not d.events("worker died"), f"{call} ({expected}): a worker died"
+        expect_ok(client.lstat("/d"), "the next request")  # the guest noticed nothing
+        assert victim not in d.workers(), "the killed worker is still there"
+        assert all(os.path.exists(f"/proc/{pid}") for pid in others), "another worker died"
+        assert d.proc.poll() is None, "the master died"
