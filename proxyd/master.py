@@ -655,8 +655,10 @@ class Master:
             for sig in HANDLED_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-            master_end.close()
-            self._close_inherited()
+            master_end.close()  # its channel's EOF must tell the worker the master is gone
+            # Every other descriptor of the master's (listeners, other guests'
+            # connections, other workers' channels) is closed by the worker itself
+            # before its sandbox (privileges.keep_only_descriptors).
             run_worker(pool.config, self.config, index, worker_end, journal, master_pid)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         worker_end.close()
@@ -668,27 +670,6 @@ class Master:
             master_end, selectors.EVENT_READ, lambda sock, w=w: self._on_worker_message(w)
         )
         return True
-
-    def _close_inherited(self) -> None:
-        """In a new worker: drop every descriptor of the master's (it runs as root,
-        unchrooted, and holds other guests' connections)."""
-        for pool in self.pools.values():
-            if pool.listener is not None:
-                pool.listener.sock.close()
-        for bound in self._bound.values():
-            bound.sock.close()
-        for w in self.workers.values():
-            w.control.close()
-            w.journal.close()  # other workers' journals are none of this one's business
-        for conn in self.connections.values():
-            conn.sock.close()
-        if self.control is not None:
-            for sock in self.control.sockets():
-                sock.close()
-        self.selector.close()
-        self._watcher.close()
-        for fd in (self._signal_r, self._signal_w, self._reserve_fd):
-            os.close(fd)
 
     def _retire(self, w: Worker) -> None:
         """Ask a worker to leave: an idle one at once, a busy one at its next request

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import pytest
 
+from proxyd import privileges
 from tests.daemon import Daemon, children, title, wait_until
 from tests.proxyclient import (
     CHECKOUT,
@@ -1047,13 +1048,40 @@ def test_export_replaced_by_a_symlink_is_not_served(tmp_path: Path) -> None:
         client = ProxyClient(sock, timeout=20)
         with pytest.raises((ConnectionClosed, BrokenPipeError, TimeoutError)):
             client.lstat(str(secret))  # never answered from /
-        assert d.proc.wait(30) == 3
-        refusals = d.events("export cannot be served")
-        assert refusals and "no longer the directory configured" in refusals[0]["error"]
+        assert d.proc.wait(30) == 3  # no worker was ever ready: start-up, exit code 3
+        # The master sees the swap before it forks (the worker's sandbox would refuse
+        # it again through its checked descriptor, should the swap come later).
+        reasons = [e.get("reason", "") for e in d.events("worker failed to start", export="m")]
+        refusals = [e["error"] for e in d.events("export cannot be served")]
+        assert len(reasons) == 5
+        assert all("replaced by another directory" in r for r in reasons) or all(
+            "no longer the directory configured" in r for r in refusals
+        ), (reasons, refusals)
     finally:
         if export.is_symlink():
             os.unlink(export)
         d.stop()
+
+
+def test_sandbox_refuses_a_directory_that_is_not_the_one_configured(tmp_path: Path) -> None:
+    """The worker's own check, for a swap after the master's: confine_to_export opens the
+    path and compares the descriptor's device and inode with the configured ones."""
+    export = tmp_path / "export"
+    export.mkdir()
+    configured = os.stat(export)
+    os.rename(export, tmp_path / "moved")
+    os.symlink("/", export)
+    pid = os.fork()
+    if pid == 0:  # chroot is for the whole process: a child of its own
+        code = 1
+        try:
+            privileges.confine_to_export(str(export), (configured.st_dev, configured.st_ino))
+        except privileges.SandboxError as e:
+            code = 0 if "no longer the directory configured" in str(e) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_master_binds_sockets_in_a_private_directory(tmp_path: Path) -> None:
