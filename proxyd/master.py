@@ -31,7 +31,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from proxyd import __version__, channel, listener, log, recovery, service, slot
+from proxyd import __version__, channel, listener, log, mounts, recovery, service, slot
 from proxyd.config import (
     EXIT_EXPORT,
     EXIT_OK,
@@ -114,6 +114,8 @@ class Master:
         self._watcher = listener.DirectoryWatcher()
         self.selector.register(self._signal_r, selectors.EVENT_READ, self._on_signal)
         self.selector.register(self._watcher.fd, selectors.EVENT_READ, self._on_inotify)
+        self._mounts = mounts.MountWatcher()
+        self.selector.register(self._mounts.fd, selectors.EVENT_READ, self._on_mounts)
         # Connections whose worker died sending a reply: (conn, op, deadline).
         self._undecided: dict[int, tuple[Connection, str | None, float]] = {}
         self._refusals: dict[tuple[str, int, str], tuple[float, int]] = {}
@@ -366,6 +368,7 @@ class Master:
 
     def _add_pool(self, export: ExportConfig) -> None:
         pool = Pool(config=export, min_idle=export.min_idle)
+        pool.host_mounts = mounts.below(self._mounts.read(), os.path.realpath(export.path))
         self.pools[export.name] = pool
         if export.socket is not None:
             pool.listener = self._bound.pop(export.name, None)
@@ -454,6 +457,28 @@ class Master:
         for pool in list(self.pools.values()):
             if pool.listener is not None and not pool.listener.still_bound():
                 self._rebind(pool)
+
+    def _on_mounts(self, _: Any) -> None:
+        """The host's mount table changed: an export with a mount made, removed or
+        remounted at or below it gets new workers (at request boundaries), which see
+        exactly what the host sees now, with nodev,nosuid,noexec added (mounts.py)."""
+        table = self._mounts.read()
+        for pool in self.pools.values():
+            now = mounts.below(table, os.path.realpath(pool.config.path))
+            if now == pool.host_mounts:
+                continue
+            before = {m[1] for m in pool.host_mounts}
+            after = {m[1] for m in now}
+            pool.host_mounts = now
+            pool.generation += 1
+            for w in list(pool.workers.values()):
+                self._retire(w)
+            self.log.info(
+                "export mounts changed",
+                export=pool.name,
+                mounted=sorted(os.fsdecode(m) for m in after - before),
+                unmounted=sorted(os.fsdecode(m) for m in before - after),
+            )
 
     # --- connections ------------------------------------------------------------------------
 
@@ -784,6 +809,9 @@ class Master:
         conn.requests += message["requests"]
         conn.errors += message["errors"]
         if message["op"] == "released":  # at a request boundary, for a reload or a stop
+            # A request that arrived as the worker was asked to leave goes on with the
+            # connection: the next worker serves it.
+            conn.prefix = bytes(w.journal.request[: w.journal.fields[slot.HAVE]])
             self._forget_channel(w)
             w.state = RETIRING
             if self.stop_deadline is not None or conn.export not in self.pools:
@@ -803,6 +831,9 @@ class Master:
     # --- deaths and crash recovery -------------------------------------------------------------
 
     def _worker_exited(self, w: Worker, status: int) -> None:
+        # What it said before it went comes first (a connection released at a request
+        # boundary is handed on as released, not recovered as a crash).
+        self._on_worker_message(w)
         pool = w.pool
         pool.workers.pop(w.pid, None)
         self._forget_channel(w)

@@ -14,7 +14,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from proxyd import listener
+from proxyd import listener, mounts
 from proxyd.config import ExportConfig
 from proxyd.slot import Slot
 
@@ -100,6 +100,8 @@ class Pool:
     # While set, its connections are refused and one start is tried per back-off.
     unavailable: str | None = None
     unavailable_since: float = 0.0  # wall-clock time
+    # The host's mounts at and below the export when its workers were forked.
+    host_mounts: frozenset[mounts.Mount] = frozenset()
 
     @property
     def name(self) -> str:

@@ -184,7 +184,10 @@ class Server:
             stats.reason = f"peer gone: {e.strerror}"
         except OSError as e:
             stats.reason = f"socket error: {e.strerror}"
-        self._slot.fields[slot.PHASE] = slot.IDLE
+        if stats.reason != "released":
+            # Released, the journal keeps saying RECEIVING with the bytes of a request
+            # that arrived as we were asked to leave: they go on with the connection.
+            self._slot.fields[slot.PHASE] = slot.IDLE
         return stats
 
     def _at_boundary(self) -> None:
@@ -251,6 +254,8 @@ class Server:
                     fields[HAVE] = have
                 if have == 0:
                     return
+                if fields[COMMAND]:  # asked to leave while waiting: the request goes too
+                    self._on_command()
             if have < HEADER_SIZE:
                 have = receive(sock, have, HEADER_SIZE)
                 if have == 0:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import signal
 import stat
 import subprocess
 from collections.abc import Callable, Iterator
@@ -447,9 +448,20 @@ def test_host_mount_in_a_shared_export_reaches_every_worker(
         forked_before = settled(d, 3)
         assert mountinfo() == before, "a worker's mount showed on the host"
         try:
-            mount("-t", "tmpfs", "-o", "size=1m", "proxyd-late", str(export / "sub"))
-            (export / "sub" / "f").write_text("on the host's mount")
-            idle = d.connect("a")  # served by one of the spares forked before the mount
+            # Stopped, the workers forked before the mount cannot be replaced by the
+            # master (which also reacts to the mount): what they see then came to them
+            # by propagation alone.
+            for pid in forked_before:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                mount("-t", "tmpfs", "-o", "size=1m", "proxyd-late", str(export / "sub"))
+                (export / "sub" / "f").write_text("on the host's mount")
+                for pid in forked_before:
+                    assert worker_view(pid)["/sub"].fstype == "tmpfs", f"worker {pid}"
+            finally:
+                for pid in forked_before:
+                    os.kill(pid, signal.SIGCONT)
+            idle = d.connect("a")
             for client in (busy, idle):
                 reply = client.lstat("/sub/f")
                 assert reply.ok, f"LSTAT /sub/f: {errno.errorcode.get(errno_of(reply))}"
@@ -457,8 +469,6 @@ def test_host_mount_in_a_shared_export_reaches_every_worker(
             assert reply.ok and reply.fd is not None
             os.close(reply.fd)
             assert (export / "sub" / "g").exists()
-            for pid in forked_before:
-                assert worker_view(pid)["/sub"].fstype == "tmpfs", f"worker {pid}"
         finally:
             unmount_all(export / "sub")
         assert not (export / "sub" / "g").exists(), "CREATE landed under the host's mount"
@@ -488,4 +498,78 @@ def test_host_unmount_in_a_shared_export_reaches_every_worker(
         os.close(reply.fd)
         assert (export / "sub" / "new").exists(), "CREATE did not land where the host sees"
         for pid in d.workers():
-            assert "/sub" not in worker_view(pid), f"worker {pid} keeps the unmounted tmpfs"
+            assert not holds_tmpfs(pid, "/sub"), f"worker {pid} keeps the unmounted tmpfs"
+
+
+# --- the same on a private host: the master replaces the workers -------------------------
+
+
+def private_export(tmp_path: Path) -> Path:
+    """An export on this machine's own mounts, which are private (as in containers)."""
+    export = tmp_path / "private"
+    (export / "sub").mkdir(parents=True)
+    top = mounts_below(Path("/"))
+    assert not [t for t in top["/"].tags if t.startswith("shared:")], "/ is shared here"
+    return export
+
+
+def holds_tmpfs(pid: int, place: str) -> bool:
+    try:
+        return worker_view(pid).get(place) is not None and worker_view(pid)[place].fstype == "tmpfs"
+    except OSError:  # the worker left (ENOENT), or is leaving (EINVAL: no mounts any more)
+        return False
+
+
+def test_host_mount_and_unmount_on_a_private_host_reach_the_workers(tmp_path: Path) -> None:
+    """Reproductions A and B where nothing propagates: once the master has seen the
+    change (`export mounts changed`), every request is served from the host's current
+    mounts, by the serving worker's successor and by new spares alike; no worker keeps
+    an unmounted filesystem alive."""
+    export = private_export(tmp_path)
+    with Daemon(tmp_path, [{"name": "p", "path": str(export), "min_idle": 2}]) as d:
+        busy = d.connect("p")
+        assert busy.lstat("/").ok
+        settled(d, 3)
+        try:
+            mount("-t", "tmpfs", "-o", "size=1m", "proxyd-late", str(export / "sub"))
+            (export / "sub" / "f").write_text("on the host's mount")
+            d.wait_event("export mounts changed", export="p", mounted=[str(export / "sub")])
+            idle = d.connect("p")
+            for client in (busy, idle):
+                reply = client.lstat("/sub/f")
+                assert reply.ok, f"LSTAT /sub/f: {errno.errorcode.get(errno_of(reply))}"
+            reply = busy.create("/sub/g", CREAT | WR, 0o644, 0, 0)
+            assert reply.ok and reply.fd is not None
+            os.close(reply.fd)
+            assert (export / "sub" / "g").exists()
+        finally:
+            subprocess.run(["umount", str(export / "sub")], check=True)  # not lazy
+        d.wait_event("export mounts changed", export="p", unmounted=[str(export / "sub")])
+        assert not (export / "sub" / "g").exists(), "CREATE landed under the host's mount"
+        for client in (busy, idle):
+            assert errno_of(client.lstat("/sub/f")) == errno.ENOENT
+        wait_until(
+            lambda: not any(holds_tmpfs(pid, "/sub") for pid in d.workers()),
+            what="no worker holding the unmounted tmpfs",
+        )
+
+
+def test_host_remount_read_only_reaches_the_workers(tmp_path: Path) -> None:
+    """A remount never propagates, on any host: the master replaces the workers, and a
+    guest's change below the remounted directory gets EROFS as from the reference."""
+    export = private_export(tmp_path)
+    (export / "sub" / "f").write_text("keep me")
+    with Daemon(tmp_path, [{"name": "r", "path": str(export), "min_idle": 1}]) as d:
+        client = d.connect("r")
+        assert client.mkdir(0, 0, "/sub/before", 0o755).ok
+        try:
+            mount("--bind", str(export / "sub"), str(export / "sub"))
+            mount("-o", "remount,bind,ro", str(export / "sub"))
+            d.wait_event("export mounts changed", export="r", count=2)  # bind, then remount
+            assert errno_of(client.mkdir(0, 0, "/sub/after", 0o755)) == errno.EROFS
+            reply = client.open("/sub/f", WR | TRUNC)
+            assert reply.fd is None and errno_of(reply) == errno.EROFS
+            assert (export / "sub" / "f").read_text() == "keep me"
+            assert client.mkdir(0, 0, "/elsewhere", 0o755).ok  # the rest stays writable
+        finally:
+            unmount_all(export / "sub")
