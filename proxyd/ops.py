@@ -39,11 +39,10 @@ GETVERSION_FILESYSTEMS = {
     0x58465342,  # xfs
 }
 
-# Flags added to every real open: never block on a FIFO swapped in behind our
-# back, never acquire a controlling terminal, never leak into a child.
-_SAFE_OPEN = os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-# The status flags F_SETFL can set; used to give the client exactly its flags back.
-_SETFL_FLAGS = os.O_APPEND | os.O_DIRECT | os.O_NOATIME | os.O_NONBLOCK
+# Flags added to every real open: never acquire a controlling terminal, never leak
+# into a child. Not O_NONBLOCK: it would turn a host lease or delegation (Samba
+# oplocks, knfsd) into EWOULDBLOCK where open(2) waits for the lease to be broken.
+_SAFE_OPEN = os.O_NOCTTY | os.O_CLOEXEC
 _O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY  # __O_TMPFILE
 
 
@@ -189,8 +188,8 @@ class ExportOps:
     # --- descriptors -----------------------------------------------------------
 
     def _open_checked(self, path: bytes, flags: int, mode: int) -> int:
-        # O_PATH opens nothing (no FIFO wait, no driver): open(2) and the check of the
-        # descriptor suffice. Otherwise look first, so that a FIFO or a
+        # O_PATH opens nothing (no FIFO wait, no driver, no lease break): open(2) and the
+        # check of the descriptor suffice. Otherwise look first, so that a FIFO or a
         # device is never opened; what is not there, or is a regular file, a directory
         # or a symlink, open(2) answers itself.
         if not flags & os.O_PATH:
@@ -211,8 +210,6 @@ class ExportOps:
             st = os.fstat(fd)
             if not _servable(st.st_mode):
                 raise SpecialFileRefused(path, st.st_mode)
-            if not flags & (os.O_NONBLOCK | os.O_PATH):  # O_PATH descriptors take no F_SETFL
-                fcntl.fcntl(fd, fcntl.F_SETFL, flags & _SETFL_FLAGS)
         except BaseException:
             os.close(fd)
             raise

@@ -1,4 +1,5 @@
-"""OPEN and CREATE answer what open(2) answers: every flag on every kind of file.
+"""OPEN and CREATE answer what open(2) answers: every flag on every kind of file, and
+files a host process holds a lease on.
 
 Issue 10.4, the special-file check must not change open(2)'s own answer: a differential
 matrix against the reference helper. OPEN and CREATE, each with every combination of
@@ -11,6 +12,14 @@ test sees it waiting in the kernel and opens the other end so that it can answer
 a device's open routine (seen by an inotify watch on its node), proxyd must have answered
 ENXIO without blocking, and the watches on proxyd's nodes must have seen nothing opened.
 Every ENXIO must be a logged special-file refusal naming the file's type.
+
+Issue 10.3, host leases are waited for: a real host process holds a lease (F_SETLEASE,
+what knfsd delegations and Samba kernel oplocks are), and on the kernel's lease-break
+signal (SIGIO) releases it a moment later. Opens that break the lease wait for it and
+get a working descriptor, on both servers; only a client that asked for O_NONBLOCK gets
+EWOULDBLOCK. A holder that never lets go costs the guest one EIO after request_timeout
+(a real daemon, the master's hung-request path), and the guest keeps its mount. A real
+guest writes to a leased file with `echo new > f`.
 """
 
 from __future__ import annotations
@@ -23,16 +32,21 @@ import json
 import os
 import select
 import stat
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.daemon import children, wait_until
+from tests.daemon import Daemon, children, wait_until
+from tests.guest import Guest, ensure_guest_built
 from tests.proxyclient import (
     CREATE,
     OPEN,
+    ProxyClient,
     Reply,
     ServerHandle,
     decode_q,
@@ -367,3 +381,200 @@ def test_getversion_keeps_its_answers(tmp_path: Path, server: str, kind: str) ->
         finally:
             os.close(fd)
         assert decode_q(reply.data or b"") == want
+
+
+# --- host leases -----------------------------------------------------------------------------
+
+# A host process that takes a lease on a file and, when the kernel tells it another open
+# wants the file (SIGIO), lets go a moment later ("hold" seconds: its own work, flushing a
+# cache as a Samba oplock break does), or never (hold < 0). It reports on stdout, with
+# time.monotonic() (one clock for every process), and lives until it is terminated.
+HOLDER = r"""
+import fcntl, os, signal, sys, time
+path, kind, hold = sys.argv[1], sys.argv[2], float(sys.argv[3])
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGIO])
+fd = os.open(path, os.O_RDONLY if kind == "read" else os.O_RDWR)
+fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK if kind == "read" else fcntl.F_WRLCK)
+print("leased", flush=True)
+signal.sigwait([signal.SIGIO])
+print("breaking", time.monotonic(), flush=True)
+if hold >= 0:
+    time.sleep(hold)
+    print("releasing", time.monotonic(), flush=True)  # no open can complete before this
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+while True:
+    signal.pause()
+"""
+HOLD = 0.3  # seconds the holder takes to let go
+
+
+class LeaseHolder:
+    """The holder process; `finish()` ends it and returns what it reported."""
+
+    def __init__(self, path: Path, kind: str, hold: float) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(path), kind, str(hold)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line == "leased\n", f"the holder could not take a {kind} lease: {line!r}"
+
+    def finish(self) -> dict[str, float]:
+        """End the holder (its lease goes with it); {"breaking": t, "releasing": t} as far
+        as it got."""
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=10)
+        report = {}
+        for line in out.splitlines():
+            word, at = line.split()
+            report[word] = float(at)
+        return report
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# name: (request, the lease, what the descriptor must do)
+LEASE_CASES: dict[str, tuple[Callable[[ProxyClient], Reply], str, str]] = {
+    "OPEN O_WRONLY, read lease": (lambda c: c.open("/f", WR), "read", "write"),
+    "OPEN O_WRONLY|O_TRUNC, read lease": (lambda c: c.open("/f", WR | TRUNC), "read", "write"),
+    "OPEN O_RDONLY|O_TRUNC, write lease": (lambda c: c.open("/f", RD | TRUNC), "write", "empty"),
+    "CREATE of the existing file, read lease": (
+        lambda c: c.create("/f", CREAT | WR, 0o644, 0, 0),
+        "read",
+        "write",
+    ),
+    "OPEN O_RDONLY, write lease": (lambda c: c.open("/f", RD), "write", "read"),
+    "GETVERSION, write lease": (lambda c: c.getversion("/f"), "write", "generation"),
+}
+
+
+@pytest.mark.parametrize("case", list(LEASE_CASES))
+@pytest.mark.parametrize("server", ["reference", "proxyd"])
+def test_open_waits_for_the_lease_break(tmp_path: Path, server: str, case: str) -> None:
+    request, lease, use = LEASE_CASES[case]
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "f").write_bytes(CONTENT)
+    holder = LeaseHolder(export / "f", lease, HOLD)
+    try:
+        with start_server(server, export) as srv:
+            assert srv.client.lstat("/").ok  # serving: time the request alone
+            sent = time.monotonic()
+            reply = request(srv.client)
+            answered = time.monotonic()
+        report = holder.finish()
+    finally:
+        holder.kill()
+    assert reply.ok, f"{server} {case}: {reply}"
+    # The open cannot complete before the lease is gone: the server waited for the break.
+    assert "breaking" in report and "releasing" in report, report
+    assert answered > report["releasing"], (answered, report)
+    print(
+        f"{server}, {case}: answered {answered - sent:.3f} s after the request, "
+        f"{answered - report['releasing']:.4f} s after the holder let go"
+    )
+    if use == "generation":
+        assert len(reply.data or b"") == 8
+        return
+    assert reply.fd is not None
+    try:
+        if use == "write":
+            os.write(reply.fd, b"new\n")
+        elif use == "read":
+            assert os.read(reply.fd, 100) == CONTENT
+    finally:
+        os.close(reply.fd)
+    if use == "write":
+        assert (export / "f").read_bytes().startswith(b"new\n")
+    elif use == "empty":
+        assert (export / "f").read_bytes() == b""
+
+
+@pytest.mark.parametrize(
+    ("flags", "lease"), [(WR | NONBLOCK, "read"), (RD | NONBLOCK, "write"), (RW | NONBLOCK, "read")]
+)
+@pytest.mark.parametrize("server", ["reference", "proxyd"])
+def test_o_nonblock_asked_for_gets_ewouldblock(
+    tmp_path: Path, server: str, flags: int, lease: str
+) -> None:
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "f").write_bytes(CONTENT)
+    holder = LeaseHolder(export / "f", lease, -1)  # never lets go: an answer did not wait
+    try:
+        with start_server(server, export) as srv:
+            reply = srv.client.open("/f", flags)
+            assert (reply.fd, errno_of(reply)) == (None, errno.EWOULDBLOCK), reply
+            assert srv.client.lstat("/f").ok
+        report = holder.finish()
+    finally:
+        holder.kill()
+    assert "breaking" in report  # the break was started all the same, as open(2) does
+    assert (export / "f").read_bytes() == CONTENT
+
+
+def test_a_lease_never_released_costs_one_eio(tmp_path: Path) -> None:
+    """The wait is bounded by request_timeout: the master kills the worker and answers EIO
+    (a hung request), the guest keeps its mount, and once the lease is gone the file opens."""
+    with Daemon(tmp_path, [{"name": "a"}], request_timeout=1.0) as d:
+        host_file = Path(d.exports["a"]["path"]) / "f"
+        host_file.write_bytes(CONTENT)
+        c = d.connect("a")
+        assert c.lstat("/f").ok
+        holder = LeaseHolder(host_file, "read", -1)
+        try:
+            reply = c.open("/f", WR)
+            assert (reply.fd, errno_of(reply)) == (None, errno.EIO), reply
+            d.wait_event("request timed out, killing worker", op="open")
+            d.wait_event("crash recovery", outcome="answered EIO", op="open")
+            assert c.lstat("/f").ok  # the guest keeps its mount
+            report = holder.finish()
+        finally:
+            holder.kill()
+        assert "breaking" in report and "releasing" not in report
+        reply = c.open("/f", WR)  # the holder is gone, and its lease with it
+        assert reply.fd is not None, reply
+        os.write(reply.fd, b"new\n")
+        os.close(reply.fd)
+    assert host_file.read_bytes().startswith(b"new\n")
+
+
+# --- a real guest ----------------------------------------------------------------------------
+
+GUEST_WRITE = """
+if echo new > f; then echo "GUEST-WRITE ok"; else echo "GUEST-WRITE failed"; fi
+echo "GUEST-READ $(cat f)"
+"""
+
+
+@pytest.mark.parametrize("server", ["reference", "proxyd"])
+def test_guest_writes_a_leased_file(tmp_path: Path, server: str) -> None:
+    """The reproduction of 10.3: `echo new > f` in a guest while a host process holds a
+    read lease on f. It waits for the holder and succeeds (it used to fail with
+    "Resource temporarily unavailable")."""
+    ensure_guest_built()
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "f").write_bytes(CONTENT)
+    srv = start_server(server, export, timeout=None)
+    holder = LeaseHolder(export / "f", "read", HOLD)
+    try:
+        # The guest's QEMU talks to the server over our end of the socketpair.
+        with Guest(GUEST_WRITE, sock_fd=srv.client.sock.fileno()) as guest:
+            result = guest.wait(timeout=300)
+        report = holder.finish()
+    finally:
+        holder.kill()
+        srv.stop()
+    assert result.mounted, result.output
+    assert "GUEST-WRITE ok" in result.output, result.output
+    assert "GUEST-READ new" in result.output, result.output
+    assert "Resource temporarily unavailable" not in result.output
+    assert "breaking" in report and "releasing" in report, report
+    assert (export / "f").read_bytes() == b"new\n"
