@@ -4,9 +4,10 @@ The functions take plain values (paths as bytes, ints as they arrived) and retur
 plain values or raise OSError; they know nothing of the wire format. Semantics are
 the reference helper's (virtfs-proxy-helper), stronger where it is weak:
 
-* OPEN / CREATE never open anything but a regular file or a directory, and never
-  block: the type is checked before the open (so a device's open routine never
-  runs and a FIFO never hangs the worker) and again on the opened descriptor.
+* OPEN / CREATE never open anything but a regular file or a directory: the type is
+  looked at before the open (so a device's open routine never runs and a FIFO never
+  hangs the worker) and again on the opened descriptor. open(2)'s own answer comes
+  first: a special file is refused (ENXIO) only where open(2) would have succeeded.
 * GETVERSION never opens a special file and returns the 32-bit generation
   zero-extended.
 * LSETXATTR refuses a size field that disagrees with the value it came with.
@@ -38,11 +39,11 @@ GETVERSION_FILESYSTEMS = {
     0x58465342,  # xfs
 }
 
-# Flags added to every real open: never block on a FIFO swapped in behind our
-# back, never acquire a controlling terminal, never leak into a child.
-_SAFE_OPEN = os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-# The status flags F_SETFL can set; used to give the client exactly its flags back.
-_SETFL_FLAGS = os.O_APPEND | os.O_DIRECT | os.O_NOATIME | os.O_NONBLOCK
+# Flags added to every real open: never acquire a controlling terminal, never leak
+# into a child. Not O_NONBLOCK: it would turn a host lease or delegation (Samba
+# oplocks, knfsd) into EWOULDBLOCK where open(2) waits for the lease to be broken.
+_SAFE_OPEN = os.O_NOCTTY | os.O_CLOEXEC
+_O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY  # __O_TMPFILE
 
 
 class SpecialFileRefused(OSError):
@@ -68,6 +69,34 @@ def _type_name(mode: int) -> str:
 
 def _servable(mode: int) -> bool:
     return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+
+
+def _special(mode: int) -> bool:
+    """A FIFO, socket or device: a file whose open(2) runs more than the filesystem."""
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+
+
+def _open_error_before_special_open(flags: int) -> int:
+    """The errno open(2) gives with `flags` on an existing FIFO, socket or device from
+    the checks it makes before calling that file's own open (fifo_open, a driver's
+    open, a socket's "no_open"); 0 if it gets that far.
+
+    Linux 6.4 and later (fs/open.c build_open_flags, then fs/namei.c do_open):
+    O_CREAT|O_DIRECTORY is EINVAL, so is an O_TMPFILE that is not exactly O_TMPFILE
+    or opens read-only; O_CREAT|O_EXCL of an existing name is EEXIST; O_DIRECTORY of
+    a non-directory ENOTDIR. Flags only; O_PATH opens never get here.
+    """
+    if flags & os.O_CREAT and flags & os.O_DIRECTORY:
+        return errno.EINVAL
+    if flags & _O_TMPFILE_BIT and (
+        not flags & os.O_DIRECTORY or flags & os.O_ACCMODE == os.O_RDONLY
+    ):
+        return errno.EINVAL
+    if flags & os.O_CREAT and flags & os.O_EXCL:
+        return errno.EEXIST
+    if flags & os.O_DIRECTORY:
+        return errno.ENOTDIR
+    return 0
 
 
 def _uid(value: int) -> int:
@@ -122,6 +151,27 @@ def statfs_fields(path: bytes) -> tuple[int, ...]:
     )
 
 
+def _open(path: bytes, flags: int, mode: int = 0) -> int:
+    """open(2) with _SAFE_OPEN added. Raises OSError; SpecialFileRefused for a device.
+
+    The export is bound nodev in the worker, so a device swapped in after the look
+    gets EACCES from the kernel before its driver runs. That EACCES is proxyd's, not
+    open(2)'s answer on the host: look again, and answer for what the path names now
+    (a device: the special-file refusal the reference gives after opening it; nothing:
+    the lookup's errno). Any other EACCES is open(2)'s own.
+    """
+    try:
+        return os.open(path, flags | _SAFE_OPEN, mode)
+    except PermissionError:
+        try:
+            st = os.stat(path, follow_symlinks=not flags & os.O_NOFOLLOW)
+        except OSError as now:
+            raise now from None
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            raise SpecialFileRefused(path, st.st_mode) from None
+        raise
+
+
 class ExportOps:
     """The 20 operations, bound to one sandboxed process.
 
@@ -138,28 +188,28 @@ class ExportOps:
     # --- descriptors -----------------------------------------------------------
 
     def _open_checked(self, path: bytes, flags: int, mode: int) -> int:
-        # Look before opening: only a regular file or a directory is ever opened,
-        # with the same symlink and directory rules the real open would apply.
+        # O_PATH opens nothing (no FIFO wait, no driver, no lease break): open(2) and the
+        # check of the descriptor suffice. Otherwise look first, so that a FIFO or a
+        # device is never opened; what is not there, or is a regular file, a directory
+        # or a symlink, open(2) answers itself.
+        if not flags & os.O_PATH:
+            try:
+                st = os.stat(path, follow_symlinks=not flags & os.O_NOFOLLOW)
+            except OSError:
+                pass
+            else:
+                if _special(st.st_mode):
+                    err = _open_error_before_special_open(flags)
+                    if err:
+                        raise OSError(err, os.strerror(err), path)
+                    raise SpecialFileRefused(path, st.st_mode)
+        fd = _open(path, flags, mode)
         try:
-            st = os.stat(path, follow_symlinks=not flags & os.O_NOFOLLOW)
-        except FileNotFoundError:
-            if not flags & os.O_CREAT:
-                raise
-        else:
-            if not _servable(st.st_mode):
-                if stat.S_ISLNK(st.st_mode) and not flags & os.O_PATH:
-                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
-                if flags & os.O_DIRECTORY:
-                    raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
-                raise SpecialFileRefused(path, st.st_mode)
-        fd = os.open(path, flags | _SAFE_OPEN, mode)
-        try:
-            # Look again at what was really opened: the path may have been swapped.
+            # Look again at what was really opened: the path may have been swapped, and
+            # an O_PATH descriptor may be of anything.
             st = os.fstat(fd)
             if not _servable(st.st_mode):
                 raise SpecialFileRefused(path, st.st_mode)
-            if not flags & (os.O_NONBLOCK | os.O_PATH):  # O_PATH descriptors take no F_SETFL
-                fcntl.fcntl(fd, fcntl.F_SETFL, flags & _SETFL_FLAGS)
         except BaseException:
             os.close(fd)
             raise
@@ -280,9 +330,10 @@ class ExportOps:
         st = os.stat(path)
         if not _servable(st.st_mode):
             raise SpecialFileRefused(path, st.st_mode)
-        fd = os.open(path, os.O_RDONLY | _SAFE_OPEN)
+        fd = _open(path, os.O_RDONLY)
         try:
-            if not _servable(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not _servable(st.st_mode):
                 raise SpecialFileRefused(path, st.st_mode)
             buf = bytearray(8)
             fcntl.ioctl(fd, FS_IOC_GETVERSION, buf)
