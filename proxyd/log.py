@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import select
+import stat
 import syslog
 from typing import Any
 
@@ -142,8 +143,24 @@ def current_fd() -> int:
 
 
 def open_file(path: str) -> int:
-    """Open (or create) the log file for appending: one write per line stays atomic."""
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    """Open (or create, mode 0640) the log file for appending: one write per line stays
+    atomic. At start and on every SIGUSR1 reopen.
+
+    Root opens it, so through listener.open_file: its directory walked without
+    following a symlink another user could have placed, the file itself opened with
+    O_NOFOLLOW (and O_NONBLOCK: a FIFO put there never blocks the master). It must be
+    a regular file with one name (not a hard link another user made to some file).
+    Returns the descriptor; raises OSError (ELOOP, EINVAL for anything else).
+    """
+    from proxyd import listener  # not at the top: listener imports config, which imports log
+
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOCTTY | os.O_NONBLOCK
+    fd = listener.open_file(path, flags, 0o640)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file with a single name")
+    return fd
 
 
 def get(**context: Any) -> Any:
