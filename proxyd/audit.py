@@ -13,6 +13,7 @@ is skipped silently.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import gzip
 import io
@@ -43,7 +44,6 @@ _MAX_LINE = 1 << 20  # longer "lines" are not proxyd's: skipped without holding 
 _PROBE_BYTES = 1 << 20  # how far into an input to look for its first timestamp
 _RELATIVE = re.compile(r"(\d+)([smhd])")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # would garble a terminal
 _SLASHES = re.compile("/{2,}")
 _PATH_WIDTH = 48  # per path in the table; longer ones lose their middle
 _TABLE_AHEAD = 1000  # rows read before the column widths are fixed (they only grow after)
@@ -319,20 +319,43 @@ def _same_int(value: Any, wanted: int) -> bool:
 
 
 def _text(value: Any) -> str:
-    """A table cell: "-" when empty, control characters and stray surrogates escaped."""
+    """A table or summary cell: "-" when empty, anything a terminal would act on escaped."""
     if value is None or value == "":
         return "-"
     if type(value) is int:  # the common case (conn, uid, dur_us), and json.dumps is slow
         return str(value)
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    return _UNPRINTABLE.sub(_escape, text)
+    return shown(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
 
 
-def _escape(match: re.Match[str]) -> str:
-    code = ord(match[0])
-    if 0xDC80 <= code <= 0xDCFF:  # a non-UTF-8 byte (surrogateescape): as proxyd logs them
+def shown(text: str) -> str:
+    r"""`text` with every character that is not printable escaped as proxyd's log
+    escapes it (proxyd.log.escape): \xNN for a C0 control, DEL or a byte that was not
+    UTF-8, \uXXXX or \UXXXXXXXX for any other (C1 controls, bidi and other format
+    characters, line and paragraph separators). Backslashes are left as they are:
+    proxyd's own lines hold only printable characters, with their backslashes escaped
+    already; this is for lines from elsewhere (older versions, other programs)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escaped(c) for c in text)
+
+
+def _escaped(c: str) -> str:
+    code = ord(c)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
         return f"\\x{code - 0xDC00:02x}"
-    return match[0].encode("unicode_escape").decode("ascii")
+    if code < 0x80:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def _path_cell(value: Any) -> str:
+    """One path for the table: shortened to _PATH_WIDTH, and in double quotes (a quote
+    in it as \\") when it holds a space or a quote or is "-", so that no name can pass
+    for two paths ("a -> b"), for another column or for no path."""
+    text = shorten(_text(value), _PATH_WIDTH)
+    if text == "-" or any(c.isspace() or c == '"' for c in text):
+        return '"' + text.replace('"', '\\"') + '"'
+    return text
 
 
 def shorten(text: str, width: int) -> str:
@@ -353,9 +376,9 @@ _RIGHT = (False, False, False, True, True, False, False, False, True)
 
 def table_row(event: Event, t: datetime) -> list[str]:
     is_op = event["event"] == "op"
-    path = shorten(_text(event.get("path")), _PATH_WIDTH)
+    path = "-" if event.get("path") in (None, "") else _path_cell(event["path"])
     if event.get("path2") not in (None, ""):
-        path += " -> " + shorten(_text(event["path2"]), _PATH_WIDTH)
+        path += " -> " + _path_cell(event["path2"])
     return [
         _when(t),
         _text(event.get("level")),
@@ -504,6 +527,32 @@ def _write_grid(out: IO[str], rows: list[list[str]], right_from: int) -> None:
 # --- main ----------------------------------------------------------------------------------
 
 
+_SAFE_LINE = re.compile(rb"[ -~]*\n")  # printable ASCII: nothing a terminal acts on
+
+
+def json_line(event: Event, line: bytes) -> bytes:
+    """The line as read when every character of it is printable (proxyd's own lines
+    always are); otherwise the same JSON value written again with JSON \\u escapes
+    for each character that is not printable (a byte that was not UTF-8 becomes
+    \\udcNN, as Python's surrogateescape reads it)."""
+    if _SAFE_LINE.fullmatch(line):
+        return line
+    with contextlib.suppress(UnicodeDecodeError):
+        text = line.decode()
+        if text[:-1].isprintable():
+            return line
+    text = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    return "".join(c if c.isprintable() else _json_escaped(c) for c in text).encode() + b"\n"
+
+
+def _json_escaped(c: str) -> str:
+    code = ord(c)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # UTF-16 surrogate pair, as JSON spells characters beyond the BMP
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
 def _run(fmt: str, query: Query, inputs: list[_Input]) -> int:
     counts = _Counts()
     events = _events(inputs, counts)
@@ -511,8 +560,9 @@ def _run(fmt: str, query: Query, inputs: list[_Input]) -> int:
         out = getattr(sys.stdout, "buffer", None)
         for event, t, line in events:
             if query.matches(event, t):
+                line = json_line(event, line)
                 if out is not None:
-                    out.write(line)  # exactly as read
+                    out.write(line)
                 else:  # a text-only stdout (main() called with a StringIO)
                     sys.stdout.write(line.decode("utf-8", "surrogateescape"))
         if out is not None:

@@ -6,7 +6,10 @@ while errors can still reach the terminal, detaches unless -n, and runs the mast
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import stat
 import sys
 
 from proxyd import control, listener, log
@@ -31,10 +34,19 @@ def daemonize() -> None:
 
 
 def _running_pid(pidfile: str) -> int | None:
-    """The pid in `pidfile` if that process is alive and is a proxyd."""
+    """The pid in `pidfile` if that process is alive and is a proxyd.
+
+    Read through listener.open_file (O_NOFOLLOW, O_NONBLOCK: a symlink or a FIFO
+    another user put there is never followed nor waited on), from a regular file only.
+    """
     try:
-        with open(pidfile) as f:
-            pid = int(f.read().strip() or 0)
+        fd = listener.open_file(pidfile, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            pid = int(os.read(fd, 32).strip() or 0)
+        finally:
+            os.close(fd)
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             alive = f.read().startswith(b"proxyd: master")
     except (OSError, ValueError):
@@ -42,17 +54,47 @@ def _running_pid(pidfile: str) -> int | None:
     return pid if pid > 0 and alive else None
 
 
-def _write_pidfile(pidfile: str) -> None:
-    """Atomically: a reader sees the old content or the whole new pid, never half."""
-    temporary = f"{pidfile}.{os.getpid()}.tmp"
-    with open(temporary, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.rename(temporary, pidfile)
+def _write_pidfile(pidfile: str) -> tuple[int, int]:
+    """Atomically: a reader sees the old content or the whole new pid, never half.
+
+    A fresh file (O_CREAT|O_EXCL|O_NOFOLLOW, random name) in the pidfile's directory
+    descriptor (listener.open_directory), renamed onto the name with renameat: neither
+    ever follows a symlink. Returns the file's (st_dev, st_ino); raises OSError.
+    """
+    directory, name = listener.split(pidfile)
+    dir_fd = listener.open_directory(directory)
+    try:
+        while True:
+            temporary = f".{name}.{secrets.token_hex(6)}"
+            try:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(temporary, flags, 0o644, dir_fd=dir_fd)
+                break
+            except FileExistsError:
+                continue  # someone took the name first: draw another
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        os.rename(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+    return st.st_dev, st.st_ino
 
 
-def _remove_pidfile(pidfile: str) -> None:
-    if _running_pid(pidfile) == os.getpid():
-        os.unlink(pidfile)
+def _remove_pidfile(pidfile: str, identity: tuple[int, int]) -> None:
+    """unlinkat the pidfile if its name still holds the file we wrote (fstatat
+    AT_SYMLINK_NOFOLLOW on the directory's descriptor); anything else stays."""
+    with contextlib.suppress(OSError):
+        directory, name = listener.split(pidfile)
+        dir_fd = listener.open_directory(directory)
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == identity:
+                os.unlink(name, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def serve(config: Config) -> int:
@@ -80,6 +122,8 @@ def serve(config: Config) -> int:
         try:
             log_fd = log.open_file(config.log_file)
         except OSError as e:
+            for done in [*bound.values(), *([control_listener] if control_listener else [])]:
+                done.close()
             raise ConfigError(f"log file '{config.log_file}': {e.strerror}") from None
     if config.daemonize:
         daemonize()
@@ -89,13 +133,12 @@ def serve(config: Config) -> int:
     for path in stale:
         log.get(role="master").info("stale socket replaced", socket=path)
     set_title(f"master [{config.source}]")  # before the pidfile names this process
-    if config.pidfile is not None:
-        _write_pidfile(config.pidfile)
+    written = None if config.pidfile is None else _write_pidfile(config.pidfile)
     try:
         return Master(config, bound, control_listener).run()
     finally:
-        if config.pidfile is not None:
-            _remove_pidfile(config.pidfile)
+        if config.pidfile is not None and written is not None:
+            _remove_pidfile(config.pidfile, written)
 
 
 SUBCOMMANDS = ("status", "reload", "stop", "audit")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import sys
 import time
@@ -32,8 +31,12 @@ class ControlError(Exception):
 
 
 def bind(path: str) -> listener.Listener:
-    """Listen on the control socket: root only, replacing a stale one."""
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    """Listen on the control socket: root only (mode 0600), replacing a stale one.
+
+    Its directory (often /run/proxyd, which QEMU's uid may write) is created and
+    entered as listener.bind does for export sockets: through descriptors, never
+    following a symlink another user could have placed. Raises ConfigError.
+    """
     listener.claim_path(path)
     return listener.bind(path, 0, 0, mode=0o600)
 

@@ -20,8 +20,10 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import select
+import stat
 import syslog
 from typing import Any
 
@@ -34,17 +36,80 @@ LINE_MAX = select.PIPE_BUF  # 4096 on Linux: the largest write a pipe keeps whol
 _SHORTEST_CUT = 64  # never cut a string below this many characters
 
 
+def escape(text: str) -> str:
+    r"""`text` safe to show in a terminal, reversibly (docs/events.md, "Escaping").
+
+    Kept as is: every printable character (str.isprintable) but the backslash.
+    Escaped: `\\` for a backslash; `\xNN` for a byte: one that was not UTF-8 (a
+    surrogateescape code point U+DC80..U+DCFF) or a C0 control or DEL; `\uXXXX` or
+    `\UXXXXXXXX` for any other character that is not printable: C1 controls (CSI,
+    OSC, ...), format characters (category Cf: bidi overrides and isolates,
+    zero-width characters), the line and paragraph separators, other spaces than
+    U+0020, unassigned code points. So `\xNN` is always one byte and `\u`/`\U` a
+    character's UTF-8 encoding: a reader gets the exact bytes back.
+    """
+    if text.isprintable() and "\\" not in text:
+        return text  # the common case, at C speed
+    return "".join(c if c.isprintable() and c != "\\" else _escaped(c) for c in text)
+
+
+def _escaped(c: str) -> str:
+    code = ord(c)
+    if c == "\\":
+        return "\\\\"
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x80:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def _clean(value: Any) -> Any:
+    """`value` with every string in it escaped (lists and objects too)."""
+    if isinstance(value, str):
+        return escape(value)
+    if value is None or isinstance(value, int | float):
+        return value
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {escape(str(k)): _clean(v) for k, v in value.items()}
+    return escape(str(value))
+
+
+def _clean_event(event: dict[str, Any]) -> dict[str, Any]:
+    """The event (a copy the caller owns) with its values cleaned, in place: the
+    common values (ints, strings with nothing to escape) cost a type check."""
+    for key, value in event.items():
+        kind = type(value)
+        if kind is int or (kind is str and value.isprintable() and "\\" not in value):
+            continue
+        event[key] = _clean(value)
+    return event
+
+
 def _serialize(event: dict[str, Any]) -> bytes:
+    event = _clean_event(event)
     try:
-        return orjson.dumps(event, default=str)
-    except TypeError:  # a str with lone surrogates: plain json escapes them
-        return json.dumps(event, default=str).encode()
+        return orjson.dumps(event)
+    except TypeError:  # an int beyond 64 bits: plain json writes it
+        return json.dumps(event).encode()
 
 
 def _render_console(event: dict[str, Any]) -> bytes:
+    event = _clean_event(event)
     head = [str(event.pop(k, "")) for k in ("timestamp", "level", "event")]
-    body = " ".join(f"{k}={v!r}" for k, v in event.items())
-    return f"{head[0]} {head[1]:<7} {head[2]:<24} {body}".encode("utf-8", "backslashreplace")
+    body = " ".join(f"{k}={_console_value(v)}" for k, v in event.items())
+    return f"{head[0]} {head[1]:<7} {head[2]:<24} {body}".encode()
+
+
+def _console_value(value: Any) -> str:
+    """A string in double quotes (a quote in it as \\"), anything else as JSON."""
+    if isinstance(value, str):
+        return '"' + value.replace('"', '\\"') + '"'
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _fit(event: dict[str, Any], render: Any) -> bytes:
@@ -61,7 +126,9 @@ def _fit(event: dict[str, Any], render: Any) -> bytes:
         if length <= _SHORTEST_CUT:
             break
         excess = len(line) - LINE_MAX + 64
-        event[key] = event[key][: max(_SHORTEST_CUT, length - excess)] + "…"
+        per_char = len(render({key: event[key]})) / length  # escapes take up to 11 bytes
+        keep = length - math.ceil(excess / per_char)
+        event[key] = event[key][: max(_SHORTEST_CUT, keep)] + "…"
         if key not in cut:
             cut.append(key)
         event["truncated"] = cut
@@ -142,8 +209,24 @@ def current_fd() -> int:
 
 
 def open_file(path: str) -> int:
-    """Open (or create) the log file for appending: one write per line stays atomic."""
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    """Open (or create, mode 0640) the log file for appending: one write per line stays
+    atomic. At start and on every SIGUSR1 reopen.
+
+    Root opens it, so through listener.open_file: its directory walked without
+    following a symlink another user could have placed, the file itself opened with
+    O_NOFOLLOW (and O_NONBLOCK: a FIFO put there never blocks the master). It must be
+    a regular file with one name (not a hard link another user made to some file).
+    Returns the descriptor; raises OSError (ELOOP, EINVAL for anything else).
+    """
+    from proxyd import listener  # not at the top: listener imports config, which imports log
+
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOCTTY | os.O_NONBLOCK
+    fd = listener.open_file(path, flags, 0o640)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file with a single name")
+    return fd
 
 
 def get(**context: Any) -> Any:
@@ -155,8 +238,10 @@ def get(**context: Any) -> Any:
 
 
 def printable(value: bytes) -> str:
-    """A guest path as text: UTF-8 where it is, backslash escapes for other bytes."""
-    return value.decode("utf-8", "backslashreplace")
+    """A guest path (bytes) as a str for a log field: UTF-8 decoded, a byte that is
+    not UTF-8 as a surrogateescape code point. Every string a line holds is escaped
+    when the line is written (escape), so this keeps the bytes exactly."""
+    return value.decode("utf-8", "surrogateescape")
 
 
 def result_name(err: int) -> str:

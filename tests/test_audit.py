@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from proxyd.audit import main, parse_time, shorten
+from tests.daemon import Daemon
 from tests.proxyclient import CHECKOUT
+from tests.test_events import assert_terminal_safe, dangerous, nasty_requests, unescape
 
 AUDIT = [
     sys.executable,
@@ -103,6 +106,13 @@ CURRENT = [
     CUT,
 ]
 EVENTS = [x for x in PART2 + PART1 + CURRENT if x.startswith(b'{"timestamp"') and x != CUT]
+# --format json prints a line that is not all printable UTF-8 as the same JSON value
+# with \u escapes: here the two bytes that are not UTF-8, as surrogateescape reads them.
+NON_UTF8_JSON = (
+    json.dumps(json.loads(NON_UTF8.decode("utf-8", "surrogateescape")), separators=(",", ":"))
+    + "\n"
+).encode()
+SHOWN = [NON_UTF8_JSON if x == NON_UTF8 else x for x in EVENTS]
 SKIPPED = 5  # two supervisord lines, two garbage lines, the line without a timestamp
 
 
@@ -155,12 +165,13 @@ def cells(text: str) -> list[str]:
 def test_every_event_exactly_as_read_oldest_part_first(audit, logs):
     code, out, err = audit("--format", "json", *logs)
     assert (code, err) == (0, "")
-    assert out.encode("utf-8", "surrogateescape") == b"".join(EVENTS)
+    assert out.encode() == b"".join(SHOWN)
 
 
-def test_non_utf8_bytes_pass_through_json_and_are_escaped_in_the_table(audit, logs):
+def test_non_utf8_bytes_are_escaped_in_json_and_in_the_table(audit, logs):
     code, out, _ = audit("--format", "json", "--op", "remove", "--export", "vm2", *logs)
-    assert code == 0 and out.encode("utf-8", "surrogateescape") == NON_UTF8
+    assert code == 0 and out.encode() == NON_UTF8_JSON
+    assert '"path":"/srv/data/\\udcff\\udcfe.bin"' in out  # the same value as read
     code, out, _ = audit("--op", "remove", "--export", "vm2", *logs)
     assert code == 0 and "/srv/data/\\xff\\xfe.bin" in out
 
@@ -501,3 +512,108 @@ def test_no_input_from_a_terminal_exit_2(audit, monkeypatch):
 def test_help_exit_0(audit):
     code, out, _ = audit("--help")
     assert code == 0 and out.startswith("usage: proxyd audit ")
+
+
+# --- names a terminal would act on (issue 10.7) ---------------------------------------
+
+
+def _audit_bytes(*args: str) -> bytes:
+    """`proxyd audit ARGS` as a separate process: its stdout, byte for byte."""
+    result = subprocess.run([*AUDIT, *args], cwd=CHECKOUT, capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+_TABLE_PATH = r'("(?:[^"\\]|\\.)*"|[^ "]+)'
+_TABLE_PATHS = re.compile(_TABLE_PATH + "(?: -> " + _TABLE_PATH + ")?")
+
+
+def _table_paths(cell: str) -> tuple[bytes | None, bytes | None]:
+    """A PATH cell back to (path, path2) bytes. A path is either one token without a
+    space or a quote, or a double-quoted string; two are joined by " -> ". The cell
+    must parse in exactly this way: then no name can pass for two paths."""
+    match = _TABLE_PATHS.fullmatch(cell)
+    assert match is not None, cell
+
+    def one(token: str | None) -> bytes | None:
+        if token is None or token == "-":
+            return None
+        if token.startswith('"'):
+            return unescape(token[1:-1], quotes=True)
+        return unescape(token)
+
+    return one(match[1]), one(match[2])
+
+
+def test_dangerous_names_from_a_real_daemon_in_every_format(tmp_path: Path) -> None:
+    """Names of every class of character a terminal acts on (and names that look like
+    two paths) through a real daemon into its log, then through each output format:
+    no dangerous character in the raw output, every path back to its exact bytes, and
+    the table's PATH cell parses one way only (a quoted or space-free path, optionally
+    " -> " and a second one), so that a one-path look-alike never reads as two."""
+    with Daemon(tmp_path, [{"name": "a"}]) as d:
+        c = d.connect("a")
+        expected = nasty_requests(c)
+        c.close()
+        d.wait_event("connection closed")
+    log = str(d.log_path)
+
+    raw = _audit_bytes("--format", "json", "--event", "op", log)
+    logged = [x + b"\n" for x in d.log_path.read_bytes().splitlines() if b'"event":"op"' in x]
+    assert raw == b"".join(logged)  # proxyd's own lines: as logged
+    events = [json.loads(x) for x in assert_terminal_safe(raw).splitlines()]
+    seen = [(e["op"], unescape(e["path"]), e.get("path2")) for e in events]
+    assert [(op, p, None if p2 is None else unescape(p2)) for op, p, p2 in seen] == expected
+
+    rows = assert_terminal_safe(_audit_bytes("--event", "op", log)).splitlines()
+    path_at, result_at = rows[0].index("PATH"), rows[0].index("RESULT")
+    table = [(row.split()[5], *_table_paths(row[path_at:result_at].rstrip())) for row in rows[1:]]
+    assert table == expected
+    # The one-path look-alike and the real rename cannot be mistaken for each other.
+    lookalike = next(r for r in rows if " mkdir " in r and "shadow" in r)
+    rename = next(r for r in rows if " rename " in r)
+    assert lookalike[path_at:result_at].rstrip() == '"/x -> //etc/shadow"'
+    assert rename[path_at:result_at].rstrip() == "/x -> //etc/shadow"
+
+    summary = assert_terminal_safe(_audit_bytes("--format", "summary", log))
+    assert f"total {len(expected)} {len(expected)}" in cells(summary)
+
+
+def test_dangerous_characters_in_lines_proxyd_did_not_write_are_escaped(tmp_path):
+    """Older logs and other programs' JSON may hold raw C1 controls, bidi characters,
+    separators, bytes that are not UTF-8: every format escapes them, and json keeps
+    the same JSON value."""
+    nasty = "\u009b2J\u202e\u2028\u200b\x1b"
+    lines = [
+        json.dumps(
+            {
+                "timestamp": "2026-11-27T10:00:00Z",
+                "level": "info",
+                "event": "op",
+                "export": f"vm{nasty}",
+                "conn": 1,
+                "peer_uid": 0,
+                "op": "rename",
+                "path": f"/a{nasty}",
+                "path2": f"/b {nasty}",
+                "result": "ok",
+                "dur_us": 1,
+            },
+            ensure_ascii=False,
+        ).encode()
+        + b"\n",
+        line("10:00:01", f"evil{nasty}", export="vm").replace(b"evil", b"\xff\x9bevil"),
+    ]
+    path = tmp_path / "log"
+    path.write_bytes(b"".join(lines))
+    assert dangerous(path.read_bytes().decode("utf-8", "surrogateescape"))  # raw in the input
+
+    raw = _audit_bytes("--format", "json", str(path))
+    outputs = [json.loads(x) for x in assert_terminal_safe(raw).splitlines()]
+    assert outputs == [json.loads(x.decode("utf-8", "surrogateescape")) for x in lines]
+
+    rows = assert_terminal_safe(_audit_bytes(str(path))).splitlines()
+    assert rows[1].split()[6:9] == ["/a\\u009b2J\\u202e\\u2028\\u200b\\x1b", "->", '"/b']
+    assert "\\xff\\x9bevil" in rows[2]
+    summary = assert_terminal_safe(_audit_bytes("--format", "summary", str(path)))
+    assert "export vm\\u009b2J\\u202e\\u2028\\u200b\\x1b: 1 op events" in summary

@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import threading
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -344,3 +345,160 @@ def test_sigusr1_reopens_the_log_file_in_master_and_workers(tmp_path: Path) -> N
     assert {e["path"] for e in new if e["event"] == "op"} == {"/after-busy", "/after-idle"}
     assert any(e["event"] == "log reopened" and e["role"] == "master" for e in new)
     assert '"/after' not in old and '"path":"/before"' in old
+
+
+# --- names a terminal would act on (issue 10.7) ---------------------------------------
+
+# One short name per class (short, so that the audit table shows them whole).
+NASTY = [
+    b"/c0-\x1b[31mred\x1b[0m\x07",  # ESC (CSI 31m, SGR reset), BEL
+    b"/c0-\t\n\r\x08",  # TAB, LF, CR, BS
+    b"/del-\x7f",
+    "/c1-\u009b31m-\u009d0;x\u009c".encode(),  # CSI, OSC ... ST as UTF-8 C1 controls
+    "/c1-\u0085\u0080\u009f".encode(),  # NEL, the first and last C1
+    "/rlo-\u202egpj.exe".encode(),  # right-to-left override
+    "/bidi-\u202a\u202b\u202c\u202d".encode(),  # embeddings, pop
+    "/iso-\u2066\u2067\u2068\u2069".encode(),  # isolates
+    "/mark-\u200e\u200f\u061c".encode(),  # LRM, RLM, ALM
+    "/zw-\u200b\u200c\u200d\u2060\ufeff\u00ad".encode(),  # zero-width, BOM, soft hyphen
+    "/tag-\U000e0041\U000e007f".encode(),  # Cf beyond the BMP (tag characters)
+    "/sep-\u2028-\u2029".encode(),  # line and paragraph separators
+    b"/raw-\xff\xfe-\x9b-\xc2",  # not UTF-8 (a lone 0x9b is CSI in 8-bit terminals)
+    b"/lit-\\xff-\\u202e-\\\\",  # a name that literally holds escape-like text
+    b'/q"uote',
+    b"/two  spaces",
+    b"/x -> //etc/shadow",  # not a rename: one path
+]
+# Everything a terminal acts on or that reorders or hides text.
+_LOOKS_SAFE = re.compile(r'\\(\\|"|x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})')
+
+
+def dangerous(text: str) -> list[str]:
+    """The characters of `text` that must never reach a terminal raw: C0 (but the
+    newline ending a line), DEL, C1, format characters (Cf: bidi and zero-width),
+    the line and paragraph separators, surrogates (bytes that were not UTF-8)."""
+    return [
+        c
+        for c in text
+        if (ord(c) < 0x20 and c != "\n")
+        or 0x7F <= ord(c) <= 0x9F
+        or unicodedata.category(c) in ("Cf", "Cs")
+        or c in "\u2028\u2029"
+    ]
+
+
+def assert_terminal_safe(raw: bytes) -> str:
+    """`raw` is UTF-8 holding none of the dangerous characters; returns it decoded."""
+    text = raw.decode("utf-8")  # strict: a raw byte that is not UTF-8 fails here
+    assert dangerous(text) == []
+    return text
+
+
+def unescape(text: str, quotes: bool = False) -> bytes:
+    """The bytes proxyd's escaping (docs/events.md) stands for, decoded independently:
+    \\\\ a backslash, \\xNN one byte, \\uXXXX and \\UXXXXXXXX a character in UTF-8, and
+    with `quotes` \\" a double quote (console lines, quoted table cells)."""
+    out = bytearray()
+    pos = 0
+    for match in _LOOKS_SAFE.finditer(text):
+        between = text[pos : match.start()]
+        assert "\\" not in between, f"a backslash that is no escape in {text!r}"
+        out += between.encode()
+        escape = match[1]
+        if escape == "\\":
+            out += b"\\"
+        elif escape == '"':
+            assert quotes, text
+            out += b'"'
+        elif escape[0] == "x":
+            out.append(int(escape[1:], 16))
+        else:
+            out += chr(int(escape[1:], 16)).encode("utf-8", "surrogatepass")
+        pos = match.end()
+    assert "\\" not in text[pos:], f"a backslash that is no escape in {text!r}"
+    return bytes(out + text[pos:].encode())
+
+
+def nasty_requests(c: ProxyClient) -> list[tuple[str, bytes, bytes | None]]:
+    """Requests naming every class of dangerous name, and the two-path look-alikes;
+    returns the (op, path, path2) each audit event must give back."""
+    for directory in (b"/x -> ", b"/x -> //etc", b"/etc"):
+        assert c.mkdir(0, 0, directory, 0o755).ok
+    expected: list[tuple[str, bytes, bytes | None]] = [
+        ("mkdir", p, None) for p in (b"/x -> ", b"/x -> //etc", b"/etc")
+    ]
+    for name in NASTY:
+        c.mkdir(0, 0, name, 0o755)
+        expected.append(("mkdir", name, None))
+    assert c.mkdir(0, 0, b"/x", 0o755).ok
+    assert c.rename(b"/x", b"//etc/shadow").ok  # a real two-path request
+    expected += [("mkdir", b"/x", None), ("rename", b"/x", b"//etc/shadow")]
+    for i, target in enumerate([b"-", b"a  b", "\u202e\u009b".encode(), b"\\x41"]):
+        assert c.symlink(0, 0, target, f"/l{i}").ok
+        expected.append(("symlink", f"/l{i}".encode(), target))
+    return expected
+
+
+_CONSOLE_FIELD = re.compile(r' (\w+)=("(?:[^"\\]|\\.)*"|[^ "]+)')
+
+
+def console_fields(line: str) -> dict[str, str]:
+    """The key=value fields after the timestamp, level and event of a console line;
+    each string value still escaped, with its quotes."""
+    body = line[line.index(" op ") + 3 :].lstrip(" ")
+    body = " " + body
+    fields = {}
+    pos = 0
+    while pos < len(body):
+        match = _CONSOLE_FIELD.match(body, pos)
+        assert match is not None, f"cannot parse {body[pos:]!r}"
+        fields[match[1]] = match[2]
+        pos = match.end()
+    return fields
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_dangerous_names_are_escaped_reversibly_in_the_log(tmp_path: Path, fmt: str) -> None:
+    """Every class of character a terminal acts on, through a real daemon into its
+    log: the raw bytes hold none of them, and every path unescapes to the exact bytes
+    the guest sent, whatever it held (a literal "\\xff" included)."""
+    with Daemon(tmp_path, [{"name": "a", "min_idle": 0}], log_format=fmt) as d:
+        c = d.connect("a")
+        expected = nasty_requests(c)
+        c.close()
+        wait_until(lambda: b"connection closed" in d.log_path.read_bytes(), what="the close")
+    text = assert_terminal_safe(d.log_path.read_bytes())
+    seen = []
+    for line in text.splitlines():
+        if fmt == "json":
+            event = json.loads(line)
+            if event["event"] != "op":
+                continue
+            path, path2 = unescape(event["path"]), event.get("path2")
+            seen.append((event["op"], path, None if path2 is None else unescape(path2)))
+        elif line.split()[2:3] == ["op"]:
+            fields = console_fields(line)
+            path = unescape(fields["path"][1:-1], quotes=True)
+            path2 = fields.get("path2")
+            op = fields["op"][1:-1]
+            seen.append((op, path, None if path2 is None else unescape(path2[1:-1], quotes=True)))
+    assert seen == expected
+
+
+def test_an_escaped_name_cut_to_fit_stays_whole_escapes(tmp_path: Path) -> None:
+    """A path of 3000 C1 controls (6 bytes each once escaped) is cut to fit 4096
+    bytes: the line parses, and what is left unescapes to a prefix of the name."""
+    export = tmp_path / "export"
+    export.mkdir()
+    served = Served(export, "all")
+    name = "/" + "\u009b" * 3000
+    assert errno_of(served.client.lstat(name)) == errno.ENAMETOOLONG
+    served.client.close()
+    assert served.proc.wait(10) == 0
+    raw = served.log_path.read_bytes()
+    assert_terminal_safe(raw)
+    assert max(len(line) for line in raw.splitlines()) < 4096
+    (event,) = [json.loads(line) for line in raw.splitlines() if b'"event":"op"' in line]
+    assert event["truncated"] == ["path"] and event["path"].endswith("…")
+    kept = unescape(event["path"][:-1])
+    assert len(kept) > 1000 and name.encode().startswith(kept)
