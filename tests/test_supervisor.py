@@ -2,8 +2,8 @@
 
 A real supervisord (the one pip installs with proxyd) runs conf/supervisord.conf, or
 conf/proxyd.conf under a main configuration, with the host paths moved into a temporary
-directory by localize(): nothing else of the shipped files changes. The systemd unit
-and the logrotate file are checked by systemd-analyze and logrotate. Last, `proxyd
+directory by localize(): nothing else of the shipped files changes. The logrotate file
+is checked by logrotate (the systemd unit: tests/test_systemd_unit.py). Last, `proxyd
 status` against a daemon with live connections, and without one.
 """
 
@@ -55,7 +55,7 @@ def localize(text: str, root: Path) -> str:
 
 
 def ini(path: Path) -> configparser.RawConfigParser:
-    parser = configparser.RawConfigParser()
+    parser = configparser.RawConfigParser(strict=False)  # systemd units repeat keys
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys keep their case
     parser.read_string(path.read_text())
     return parser
@@ -252,25 +252,6 @@ def test_shipped_files_agree() -> None:
 
     log_file = re.search(r'^# log_file = "(.*)"$', (CONF / "proxyd.toml").read_text(), re.M)
     assert log_file and f"{log_file[1]} {{" in (CONF / "logrotate.proxyd").read_text()
-
-
-def test_systemd_unit_verifies(tmp_path: Path) -> None:
-    unit = tmp_path / "proxyd.service"
-    unit.write_text(localize((CONF / "proxyd.service").read_text(), tmp_path))
-    result = subprocess.run(
-        ["systemd-analyze", "verify", unit], capture_output=True, text=True, timeout=60
-    )
-    # verify exits 0 on unknown keys and bad values too: every complaint is on stderr.
-    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
-    service = ini(unit)["Service"]
-    assert service["Type"] == "simple"
-    assert re.fullmatch(r"\S+/proxyd -n --config \S+/proxyd\.toml", service["ExecStart"])
-    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
-    # TERM to the master alone, SIGKILL to the whole cgroup after TimeoutStopSec.
-    assert (service["KillMode"], service["KillSignal"]) == ("mixed", "SIGTERM")
-    assert service["Restart"] == "on-failure"
-    assert service["RestartPreventExitStatus"].split() == ["2", "3", "4"]
-    assert service["RuntimeDirectory"] == "proxyd"
 
 
 def test_logrotate_rotates_and_proxyd_reopens(tmp_path: Path) -> None:
