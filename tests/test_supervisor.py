@@ -446,7 +446,7 @@ def test_proxyd_status_with_live_connections(tmp_path: Path) -> None:
 
         table = run_proxyd("status", "--config", str(d.config))
         assert table.returncode == 0, table.stderr
-        assert re.search(r"^b\s+\S+\s+\S+\s+yes\s+", table.stdout, re.M)
+        assert re.search(r"^b\s+serving\s+\S+\s+\S+\s+yes\s+", table.stdout, re.M)
         assert len(re.findall(rf"^\d+\s+[ab]\s+{os.getpid()}\s+0\s", table.stdout, re.M)) == 3
         for client in clients.values():
             client.close()
