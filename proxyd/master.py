@@ -22,6 +22,7 @@ import errno
 import gc
 import hashlib
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -41,7 +42,7 @@ from proxyd.config import (
     load_file,
     worker_view,
 )
-from proxyd.pool import BUSY, IDLE, RETIRING, STARTING, Connection, Pool, Worker
+from proxyd.pool import BUSY, IDLE, PENDING_LIMIT, RETIRING, STARTING, Connection, Pool, Worker
 from proxyd.slot import Slot
 from proxyd.title import set_title
 from proxyd.worker import run_worker
@@ -50,6 +51,11 @@ TICK = 0.25  # seconds between housekeeping rounds
 START_FAILURES_FATAL = 5  # consecutive failed starts before the master gives up
 ABORT_GRACE = 2.0  # SIGABRT -> SIGKILL for a hung worker
 ACCEPT_BATCH = 16  # connections accepted per wake-up: one socket cannot starve the rest
+RESOURCE_RETRY = 1.0  # seconds before starting a worker again after the system refused one
+# Descriptors the master holds per connection it serves: its copy of the connection, and
+# the worker's channel and journal.
+FDS_PER_CONNECTION = 3
+FDS_FIXED = 32  # listeners, control socket, log, signal pipe, inotify, epoll, mountinfo, ...
 
 HANDLED_SIGNALS = (
     signal.SIGCHLD,
@@ -61,6 +67,24 @@ HANDLED_SIGNALS = (
     signal.SIGTTOU,
     signal.SIGUSR1,
 )
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one (a process may, getrlimit(2));
+    return the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def descriptors_needed(config: Config) -> int:
+    """Descriptors the master needs with every export at max_workers and PENDING_LIMIT
+    connections waiting on each."""
+    per_export = PENDING_LIMIT + 1  # waiting connections and the listener
+    busy = sum(e.max_workers for e in config.exports) * FDS_PER_CONNECTION
+    return FDS_FIXED + busy + per_export * len(config.exports)
 
 
 def _peer(sock: socket.socket) -> tuple[int, int, int]:
@@ -104,6 +128,11 @@ class Master:
         self.next_conn = 1
         self.stop_deadline: float | None = None
         self.reload_wanted = False  # SIGHUP seen: reload once this turn of the loop ends
+        self.fd_limit = raise_fd_limit()
+        # Keep this many descriptors free for the connections already accepted (a
+        # worker's start takes three at once: its channel's two ends and its journal).
+        self.fd_reserve = min(64, max(16, self.fd_limit // 16))
+        self.fds_low = False  # not accepting until descriptors are freed
         self.exit_code = EXIT_OK
         self.counters: collections.Counter[str] = collections.Counter()
         self.started = time.time()
@@ -138,6 +167,14 @@ class Master:
             exports=[e.name for e in self.config.exports],
             audit=self.config.audit,
         )
+        needed = descriptors_needed(self.config)
+        if needed > self.fd_limit:
+            self.log.warning(
+                "descriptor limit too low for max_workers",
+                limit=self.fd_limit,
+                needed=needed,
+                advice="raise LimitNOFILE (systemd) or minfds (supervisord)",
+            )
         for export in self.config.exports:
             self._add_pool(export)
         if self.config.fd is not None:
@@ -164,6 +201,13 @@ class Master:
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
+        if self.fds_low:
+            # Spare workers hold descriptors (channel, journal) the waiting connections
+            # need more: no idle grace period while they are short.
+            for pool in self.pools.values():
+                for w in pool.excess_idle(now, at_once=True):
+                    self._retire(w)
+            self._check_descriptors(self._fd_headroom())
         for pool in self.pools.values():
             if pool.listener is not None and not pool.listener.still_bound():
                 self._rebind(pool)
@@ -405,7 +449,7 @@ class Master:
     def _listen(self, pool: Pool) -> None:
         assert pool.listener is not None
         pool.listener.sock.setblocking(False)
-        self._accept_from(pool)
+        self._update_accepting(pool)
         self._watcher.watch(os.path.dirname(pool.listener.path))
         self.log.info(
             "export bound",
@@ -415,20 +459,30 @@ class Master:
             readonly=pool.config.readonly,
         )
 
-    def _accept_from(self, pool: Pool) -> None:
-        assert pool.listener is not None
-        self.selector.register(
-            pool.listener.sock,
-            selectors.EVENT_READ,
-            lambda sock, pool=pool: self._on_accept(pool, sock),
-        )
-        pool.paused = False
+    def _update_accepting(self, pool: Pool) -> None:
+        """Accept on the export's socket unless PENDING_LIMIT connections wait already
+        or descriptors run low: then new connections wait in the listen backlog."""
+        want = pool.listener is not None and not pool.update_backlogged() and not self.fds_low
+        if want and not pool.accepting:
+            assert pool.listener is not None
+            self.selector.register(
+                pool.listener.sock,
+                selectors.EVENT_READ,
+                lambda sock, pool=pool: self._on_accept(pool, sock),
+            )
+        elif not want and pool.accepting and pool.listener is not None:
+            self.selector.unregister(pool.listener.sock)
+        pool.accepting = want
+
+    def _stop_accepting(self, pool: Pool) -> None:
+        if pool.accepting and pool.listener is not None:
+            self.selector.unregister(pool.listener.sock)
+        pool.accepting = False
 
     def _close_listener(self, pool: Pool, unlink: bool = True) -> None:
         if pool.listener is None:
             return
-        if not pool.paused:
-            self.selector.unregister(pool.listener.sock)
+        self._stop_accepting(pool)
         pool.listener.close(unlink=unlink)
         pool.listener = None
 
@@ -439,8 +493,7 @@ class Master:
         """
         old = pool.listener
         assert old is not None
-        if not pool.paused:
-            self.selector.unregister(old.sock)
+        self._stop_accepting(pool)
         pool.listener = None
         self._bind(pool)
         if pool.listener is None:  # could not bind: keep serving the old backlog
@@ -484,7 +537,11 @@ class Master:
 
     def _on_accept(self, pool: Pool, sock: socket.socket, limit: int | None = ACCEPT_BATCH) -> None:
         accepted = 0
+        headroom = self._fd_headroom()
         while limit is None or accepted < limit:
+            self._check_descriptors(headroom)
+            if self.fds_low:
+                return
             try:
                 conn, _ = sock.accept()
             except BlockingIOError:
@@ -492,10 +549,11 @@ class Master:
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE):
                     self._shed(sock)
-                else:
-                    self.log.error("accept failed", export=pool.name, error=e.strerror)
+                else:  # ENOMEM, ENOBUFS, ...: the connection waits in the backlog
+                    self.log.warning("accept failed", export=pool.name, error=e.strerror)
                 return
             accepted += 1
+            headroom -= FDS_PER_CONNECTION
             self._admit(pool, conn)
 
     def _shed(self, sock: socket.socket) -> None:
@@ -509,7 +567,7 @@ class Master:
             pass
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self.counters["refused_no_fds"] += 1
-        self.log.error("connection refused", reason="out of file descriptors")
+        self.log.warning("connection refused", reason="out of file descriptors")
 
     def _refusal_reason(self, export: ExportConfig, uid: int, gid: int) -> str | None:
         """Why a peer may not use this export (allow-lists, per-uid limit), or None."""
@@ -632,12 +690,7 @@ class Master:
             pool.exhausted = False
         for w in pool.excess_idle(now):
             self._retire(w)
-        if pool.listener is not None:
-            if pool.should_pause():
-                self.selector.unregister(pool.listener.sock)
-                pool.paused = True
-            elif pool.should_resume():
-                self._accept_from(pool)
+        self._update_accepting(pool)
 
     def _export_problem(self, export: ExportConfig) -> str | None:
         """Why the export's directory cannot be served now, or None. The master looks
@@ -654,10 +707,21 @@ class Master:
         return None
 
     def _spawn(self, pool: Pool) -> bool:
+        """Fork a worker for `pool`. False (logged, retried after a second) when the
+        system refuses a resource: descriptors, memory, processes. That is no fault
+        of the export's, and its connections simply wait."""
+        try:
+            master_end, worker_end = channel.pair()
+        except OSError as e:
+            return self._cannot_start(pool, "socketpair", e)
+        try:
+            journal = Slot()
+        except OSError as e:
+            master_end.close()
+            worker_end.close()
+            return self._cannot_start(pool, "memfd", e)
         index = pool.next_index
         pool.next_index += 1
-        master_end, worker_end = channel.pair()
-        journal = Slot()
         master_pid = os.getpid()
         # Block our signals across the fork: a signal reaching the child before it
         # resets its handlers must not be written into the master's wake-up pipe.
@@ -672,9 +736,7 @@ class Master:
             master_end.close()
             worker_end.close()
             journal.close()
-            self.log.error("cannot fork a worker", export=pool.name, error=e.strerror)
-            pool.next_start = time.monotonic() + 1.0
-            return False
+            return self._cannot_start(pool, "fork", e)
         if pid == 0:
             signal.set_wakeup_fd(-1)
             for sig in HANDLED_SIGNALS:
@@ -695,6 +757,50 @@ class Master:
             master_end, selectors.EVENT_READ, lambda sock, w=w: self._on_worker_message(w)
         )
         return True
+
+    def _cannot_start(self, pool: Pool, step: str, e: OSError) -> bool:
+        self.counters["start_errors"] += 1
+        self.log.warning(
+            "cannot start a worker",
+            export=pool.name,
+            step=step,
+            error=errno.errorcode.get(e.errno or 0, str(e)),
+            retry_in_s=RESOURCE_RETRY,
+        )
+        pool.next_start = time.monotonic() + RESOURCE_RETRY
+        return False
+
+    # --- descriptors ---------------------------------------------------------------------
+
+    def _fd_headroom(self) -> int:
+        """Descriptors this process may still open (RLIMIT_NOFILE minus those open);
+        0 when even counting them needs one too many."""
+        try:
+            return self.fd_limit - len(os.listdir("/proc/self/fd"))
+        except OSError:
+            return 0
+
+    def _check_descriptors(self, headroom: int) -> None:
+        """Stop accepting, on every export, while fewer than fd_reserve descriptors are
+        left (what serving the connections already accepted may still need); accept
+        again above twice that. Waiting connections stay in the listen backlogs."""
+        low = headroom < self.fd_reserve or (self.fds_low and headroom < 2 * self.fd_reserve)
+        if low == self.fds_low:
+            return
+        self.fds_low = low
+        if low:
+            self.counters["descriptors_low"] += 1
+            self.log.warning(
+                "descriptors low, not accepting",
+                open=self.fd_limit - headroom,
+                limit=self.fd_limit,
+                connections=len(self.connections),
+                workers=len(self.workers),
+            )
+        else:
+            self.log.info("accepting again", open=self.fd_limit - headroom, limit=self.fd_limit)
+        for pool in self.pools.values():
+            self._update_accepting(pool)
 
     def _retire(self, w: Worker) -> None:
         """Ask a worker to leave: an idle one at once, a busy one at its next request

@@ -91,7 +91,8 @@ class Pool:
     start_failures: int = 0  # consecutive starts that never got ready
     next_start: float = 0.0  # monotonic time before which no worker is started
     exhausted: bool = False  # "pool exhausted" was logged and still holds
-    paused: bool = False  # not accepting: PENDING_LIMIT connections wait already
+    backlogged: bool = False  # PENDING_LIMIT connections wait: leave more in the backlog
+    accepting: bool = False  # its listener is in the master's selector
     removed: bool = False  # dropped from the configuration by a reload
     # Bumped when a reload changes what this export's workers were forked with: workers
     # of an older generation are replaced at request boundaries.
@@ -159,9 +160,11 @@ class Pool:
         self.next_start = now + delay
         return delay
 
-    def should_pause(self) -> bool:
-        """Stop accepting: the listen backlog holds further connections."""
-        return not self.paused and len(self.pending) >= PENDING_LIMIT
-
-    def should_resume(self) -> bool:
-        return self.paused and len(self.pending) < PENDING_LIMIT // 2
+    def update_backlogged(self) -> bool:
+        """Whether to leave new connections in the listen backlog: from PENDING_LIMIT
+        waiting connections until fewer than half of that wait."""
+        if len(self.pending) >= PENDING_LIMIT:
+            self.backlogged = True
+        elif len(self.pending) < PENDING_LIMIT // 2:
+            self.backlogged = False
+        return self.backlogged

@@ -16,6 +16,7 @@ Layout: a row of u32 fields, then the request buffer.
 from __future__ import annotations
 
 import mmap
+import os
 
 from proxyd.protocol import BUFFER_SIZE, HEADER, HEADER_SIZE
 
@@ -44,10 +45,26 @@ _ZERO_HEADER = bytes(HEADER_SIZE)
 
 
 class Slot:
-    """One worker's shared journal; `fields` and `request` are live views of it."""
+    """One worker's shared journal; `fields` and `request` are live views of it.
 
-    def __init__(self) -> None:
-        self._map = mmap.mmap(-1, SLOT_SIZE, mmap.MAP_SHARED)
+    Backed by a memfd (`fd`), so that a master that re-executes itself for an upgrade
+    can map the journals of the workers it keeps (Slot(fd=...)). Raises OSError
+    (EMFILE, ENOMEM, ...) when it cannot be made."""
+
+    def __init__(self, fd: int | None = None) -> None:
+        if fd is None:
+            fd = os.memfd_create("proxyd-journal", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, SLOT_SIZE)
+            except BaseException:
+                os.close(fd)
+                raise
+        self.fd = fd
+        try:
+            self._map = mmap.mmap(fd, SLOT_SIZE, mmap.MAP_SHARED)
+        except BaseException:
+            os.close(fd)
+            raise
         view = memoryview(self._map)
         self.fields = view[:_FIELDS_SIZE].cast("I")
         self.request = view[_FIELDS_SIZE:SLOT_SIZE]
@@ -69,3 +86,6 @@ class Slot:
         self.fields.release()
         self.request.release()
         self._map.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

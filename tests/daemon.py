@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -82,7 +83,15 @@ def title(pid: int) -> str:
 class Daemon:
     """proxyd --config FILE -n, stderr in a file, with helpers to talk to it."""
 
-    def __init__(self, tmp: Path, exports: list[dict[str, Any]], **daemon: Any) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        exports: list[dict[str, Any]],
+        *,
+        nofile: int | None = None,
+        **daemon: Any,
+    ) -> None:
+        """`daemon` are [daemon] keys; `nofile` sets RLIMIT_NOFILE (soft and hard)."""
         self.tmp = tmp
         self.exports = {}
         for export in exports:
@@ -103,6 +112,9 @@ class Daemon:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=self._log,
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+            if nofile
+            else None,
         )
         try:
             for export in exports:

@@ -7,7 +7,9 @@ import json
 import multiprocessing
 import os
 import random
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +27,7 @@ from tests.daemon import (
     wait_until,
     write_config,
 )
-from tests.proxyclient import CHECKOUT, ConnectionClosed, ProxyClient
+from tests.proxyclient import CHECKOUT, LSTAT, ConnectionClosed, ProxyClient, marshal
 
 O_CREAT_EXCL_RDWR = os.O_CREAT | os.O_EXCL | os.O_RDWR
 
@@ -292,3 +294,61 @@ def test_broken_export_is_its_own_problem(tmp_path: Path, how: str) -> None:
         again = d.connect("a")
         assert again.lstat("/").ok and b.lstat("/").ok
         assert not d.events("export cannot be served, giving up")
+
+
+# --- 11.2 running out of descriptors is handled, not fatal --------------------------------
+
+
+def test_descriptor_exhaustion_refuses_instead_of_failing(tmp_path: Path) -> None:
+    """RLIMIT_NOFILE 64 (soft and hard, so proxyd cannot raise it), max_workers 100,
+    150 connections: the master never fails; it serves what its descriptors allow, stops
+    accepting before the limit (the rest wait in the listen backlog or in connect), the
+    other export's live guest keeps being served, and the waiting ones are served as
+    soon as descriptors are freed."""
+    exports = [{"name": "a", "min_idle": 1, "max_workers": 100}, {"name": "b", "min_idle": 1}]
+    with Daemon(tmp_path, exports, nofile=64) as d:
+        d.wait_event("descriptor limit too low for max_workers")
+        other = d.connect("b", unlink=False)
+        assert other.lstat("/").ok
+        path = d.exports["a"]["socket"]
+        clients = []
+        for _ in range(150):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)  # with the listen backlog full, connect(2) says EAGAIN
+            try:
+                sock.connect(path)
+            except BlockingIOError:
+                sock.close()
+                continue
+            client = ProxyClient(sock, timeout=2)
+            client.send_request(LSTAT, marshal("s", "/"))
+            clients.append(client)
+        # Replies come to the accepted ones; wait until none has come for 2 s.
+        served, waiting = [], list(clients)
+        while waiting:
+            ready, _, _ = select.select([c.sock for c in waiting], [], [], 2.0)
+            if not ready:
+                break
+            for client in [c for c in waiting if c.sock in ready]:
+                client.sock.settimeout(10)
+                assert client.recv_header_reply("data").ok
+                served.append(client)
+                waiting.remove(client)
+        low = d.wait_event("descriptors low, not accepting")[-1]
+        print(
+            f"{len(clients)} connected, {len(served)} served, {len(waiting)} waiting; "
+            f"stopped accepting at {low['open']} of {low['limit']} descriptors"
+        )
+        assert d.proc.poll() is None
+        assert served and waiting
+        assert low["open"] < low["limit"]
+        assert other.lstat("/").ok  # the other export's guest never noticed
+        for client in served:
+            assert client.lstat("/").ok
+        for client in served:  # descriptors freed: the waiting connections get served
+            client.close()
+        for client in waiting:
+            client.sock.settimeout(30)
+            assert client.recv_header_reply("data").ok
+        d.wait_event("accepting again")
+        assert not error_lines(d), error_lines(d)

@@ -109,11 +109,10 @@ def test_back_pressure_pauses_at_the_limit_and_resumes_at_half(make) -> None:
     p = pool()
     for _ in range(pl.PENDING_LIMIT - 1):
         conn(p)
-    assert not p.should_pause()
+    assert not p.update_backlogged()
     conn(p)
-    assert p.should_pause()
-    p.paused = True
+    assert p.update_backlogged()
     while len(p.pending) >= pl.PENDING_LIMIT // 2:
-        assert not p.should_resume()
+        assert p.update_backlogged()
         p.pending.pop()
-    assert p.should_resume()
+    assert not p.update_backlogged()

@@ -249,6 +249,12 @@ def test_shipped_files_agree() -> None:
     unit = ini(CONF / "proxyd.service")["Service"]
     assert unit["ExecStart"] == program["command"]
     assert float(unit["TimeoutStopSec"]) == STOPWAITSECS
+    # Both give proxyd a descriptor limit enough for 16 exports at max_workers (16) and
+    # many more connections; supervisord's stays below common hard limits (it refuses to
+    # start when it cannot raise its own that far).
+    minfds = int(full["supervisord"]["minfds"])
+    assert int(unit["LimitNOFILE"]) >= minfds >= 16 * (16 * 3 + 65)
+    assert minfds <= 20000
 
     log_file = re.search(r'^# log_file = "(.*)"$', (CONF / "proxyd.toml").read_text(), re.M)
     assert log_file and f"{log_file[1]} {{" in (CONF / "logrotate.proxyd").read_text()
