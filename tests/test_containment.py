@@ -3,6 +3,8 @@ down (issue 11). Every test runs a real daemon on real sockets with real clients
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import multiprocessing
 import os
@@ -14,12 +16,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.daemon import (
+    SYS_OPENAT,
     SYS_RECVFROM,
     SYS_RECVMSG,
     Daemon,
@@ -27,7 +31,7 @@ from tests.daemon import (
     wait_until,
     write_config,
 )
-from tests.proxyclient import CHECKOUT, LSTAT, ConnectionClosed, ProxyClient, marshal
+from tests.proxyclient import CHECKOUT, LSTAT, OPEN, ConnectionClosed, ProxyClient, marshal
 
 O_CREAT_EXCL_RDWR = os.O_CREAT | os.O_EXCL | os.O_RDWR
 
@@ -352,3 +356,83 @@ def test_descriptor_exhaustion_refuses_instead_of_failing(tmp_path: Path) -> Non
             assert client.recv_header_reply("data").ok
         d.wait_event("accepting again")
         assert not error_lines(d), error_lines(d)
+
+
+# --- 11.6 / 11.7 a read-only request is run again; poison is one request ------------------
+
+
+@contextlib.contextmanager
+def write_lease(path: Path) -> Iterator[None]:
+    """A host process's write lease on `path` (fcntl F_SETLEASE F_WRLCK): any other open
+    of it waits in the kernel for the lease to be broken (here: until we release it)."""
+    old = signal.signal(signal.SIGIO, signal.SIG_IGN)  # the lease-break notice
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        os.close(fd)
+        signal.signal(signal.SIGIO, old)
+
+
+def blocked_in_open(d: Daemon, conn: int) -> int:
+    """The pid of the worker serving `conn`, once it is blocked in openat(2)."""
+    pid = d.serving_worker(conn)
+    wait_in_syscall(pid, SYS_OPENAT)
+    return pid
+
+
+def test_killed_while_executing_a_read_only_request_the_guest_notices_nothing(
+    tmp_path: Path,
+) -> None:
+    """An OPEN for reading held in the kernel by a host lease: its worker is SIGKILLed
+    while executing it, twice; each time the request runs again on a fresh worker, and
+    once the lease goes the guest gets its descriptor. No EIO, no closed connection."""
+    with Daemon(tmp_path, [{"name": "a", "min_idle": 1}]) as d:
+        host_file = Path(d.exports["a"]["path"]) / "leased"
+        host_file.write_text("data")
+        client = d.connect("a")
+        assert client.lstat("/").ok
+        conn = d.wait_event("connection accepted")[-1]["conn"]
+        with write_lease(host_file):
+            client.send_request(OPEN, marshal("sd", "/leased", os.O_RDONLY))
+            for kill in range(1, 3):
+                victim = blocked_in_open(d, conn)
+                os.kill(victim, signal.SIGKILL)
+                d.wait_event(
+                    "crash recovery", count=kill, conn=conn, outcome="request executed again"
+                )
+            blocked_in_open(d, conn)  # the third worker runs it again, and waits too
+        reply = client.recv_fd_reply()
+        assert reply.fd is not None, reply
+        assert os.read(reply.fd, 10) == b"data"
+        os.close(reply.fd)
+        assert client.lstat("/leased").ok
+        assert not d.events("crash recovery", outcome="answered EIO")
+
+
+def test_a_request_that_kills_every_worker_ends_its_connection(tmp_path: Path) -> None:
+    """The same read-only request in flight at three worker deaths (run again after each)
+    is poison: its connection is closed at the third; the daemon and its other guests
+    go on."""
+    with Daemon(tmp_path, [{"name": "a", "min_idle": 1}]) as d:
+        host_file = Path(d.exports["a"]["path"]) / "leased"
+        host_file.write_text("data")
+        client, other = d.connect("a"), d.connect("a")
+        assert client.lstat("/").ok and other.lstat("/").ok
+        conn = d.wait_event("connection accepted", count=2)[0]["conn"]
+        with write_lease(host_file):
+            client.send_request(OPEN, marshal("sd", "/leased", os.O_RDONLY))
+            for kill in range(1, 4):
+                os.kill(blocked_in_open(d, conn), signal.SIGKILL)
+                if kill < 3:  # reaped and recovered before the next worker is looked for
+                    again = "request executed again"
+                    d.wait_event("crash recovery", count=kill, conn=conn, outcome=again)
+            with pytest.raises(ConnectionClosed):
+                client.recv_fd_reply()
+        event = d.wait_event("poison connection closed", conn=conn)[-1]
+        assert event["deaths"] == 3
+        assert len(d.events("crash recovery", conn=conn, outcome="request executed again")) == 2
+        assert other.lstat("/leased").ok
