@@ -52,9 +52,9 @@ START_FAILURES_FATAL = 5  # consecutive failed starts before the master gives up
 ABORT_GRACE = 2.0  # SIGABRT -> SIGKILL for a hung worker
 ACCEPT_BATCH = 16  # connections accepted per wake-up: one socket cannot starve the rest
 RESOURCE_RETRY = 1.0  # seconds before starting a worker again after the system refused one
-# Descriptors the master holds per connection it serves: its copy of the connection, and
-# the worker's channel and journal.
-FDS_PER_CONNECTION = 3
+# Descriptors the master holds per connection it serves: its copy of the connection, the
+# worker's channel, and its journal's memfd (and the duplicate Python's mmap keeps).
+FDS_PER_CONNECTION = 4
 FDS_FIXED = 32  # listeners, control socket, log, signal pipe, inotify, epoll, mountinfo, ...
 
 HANDLED_SIGNALS = (
@@ -130,7 +130,7 @@ class Master:
         self.reload_wanted = False  # SIGHUP seen: reload once this turn of the loop ends
         self.fd_limit = raise_fd_limit()
         # Keep this many descriptors free for the connections already accepted (a
-        # worker's start takes three at once: its channel's two ends and its journal).
+        # worker's start takes four at once: its channel's two ends and its journal).
         self.fd_reserve = min(64, max(16, self.fd_limit // 16))
         self.fds_low = False  # not accepting until descriptors are freed
         self.exit_code = EXIT_OK

@@ -48,7 +48,8 @@ class Slot:
     """One worker's shared journal; `fields` and `request` are live views of it.
 
     Backed by a memfd (`fd`), so that a master that re-executes itself for an upgrade
-    can map the journals of the workers it keeps (Slot(fd=...)). Raises OSError
+    can map the journals of the workers it keeps (Slot(fd=...)). Python's mmap holds a
+    duplicate of that descriptor of its own: a journal costs two. Raises OSError
     (EMFILE, ENOMEM, ...) when it cannot be made."""
 
     def __init__(self, fd: int | None = None) -> None:

@@ -355,9 +355,10 @@ def settled(d: Daemon) -> bool:
 
 
 def master_fds_beside_workers(d: Daemon) -> int:
-    """The master's descriptors other than its one channel per worker: what a
-    forgotten connection or channel would grow."""
-    return len(fd_targets(d.proc.pid)) - len(d.workers())
+    """The master's descriptors other than the three it holds per worker (its channel,
+    its journal's memfd and the duplicate Python's mmap keeps of it): what a forgotten
+    connection, channel or journal would grow."""
+    return len(fd_targets(d.proc.pid)) - 3 * len(d.workers())
 
 
 def rss_kib(pid: int) -> dict[str, int]:

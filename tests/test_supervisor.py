@@ -253,7 +253,7 @@ def test_shipped_files_agree() -> None:
     # many more connections; supervisord's stays below common hard limits (it refuses to
     # start when it cannot raise its own that far).
     minfds = int(full["supervisord"]["minfds"])
-    assert int(unit["LimitNOFILE"]) >= minfds >= 16 * (16 * 3 + 65)
+    assert int(unit["LimitNOFILE"]) >= minfds >= 16 * (16 * 4 + 65)
     assert minfds <= 20000
 
     log_file = re.search(r'^# log_file = "(.*)"$', (CONF / "proxyd.toml").read_text(), re.M)
