@@ -349,11 +349,12 @@ def test_descriptor_exhaustion_refuses_instead_of_failing(tmp_path: Path) -> Non
         assert other.lstat("/").ok  # the other export's guest never noticed
         for client in served:
             assert client.lstat("/").ok
-        for client in served:  # descriptors freed: the waiting connections get served
+        for client in served:  # descriptors freed: the waiting connections get served ...
             client.close()
-        for client in waiting:
+        for client in waiting:  # ... each in turn, as the ones before it free theirs
             client.sock.settimeout(30)
             assert client.recv_header_reply("data").ok
+            client.close()
         d.wait_event("accepting again")
         assert not error_lines(d), error_lines(d)
 
