@@ -7,13 +7,15 @@ while errors can still reach the terminal, detaches unless -n, and runs the mast
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import stat
 import sys
+from typing import Any
 
-from proxyd import control, listener, log
-from proxyd.config import EXIT_SOCKET_IN_USE, Config, ConfigError, parse_args
+from proxyd import __version__, control, handover, listener, log
+from proxyd.config import EXIT_INTERNAL, EXIT_SOCKET_IN_USE, Config, ConfigError, parse_args
 from proxyd.master import Master
 from proxyd.title import set_title
 
@@ -97,7 +99,18 @@ def _remove_pidfile(pidfile: str, identity: tuple[int, int]) -> None:
             os.close(dir_fd)
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, argv: list[str]) -> int:
+    """Bind, detach, run the master; or, in a program an upgrading master re-executed
+    (proxyd/handover.py), take over what it hands on instead of binding and detaching."""
+    try:
+        resumed = handover.read()
+    except handover.HandoverError as e:
+        # The upgrading master is gone; its workers go on serving their guests and a
+        # master started next (supervisord, systemd) adopts their connections.
+        print(f"proxyd: error: cannot take over from the upgrading master: {e}", file=sys.stderr)
+        return EXIT_INTERNAL
+    if resumed is not None:
+        return _resume(config, argv, resumed)
     if config.pidfile is not None and (pid := _running_pid(config.pidfile)) is not None:
         raise ConfigError(
             f"another proxyd (pid {pid}) is running: {config.pidfile}", EXIT_SOCKET_IN_USE
@@ -135,13 +148,34 @@ def serve(config: Config) -> int:
     set_title(f"master [{config.source}]")  # before the pidfile names this process
     written = None if config.pidfile is None else _write_pidfile(config.pidfile)
     try:
-        return Master(config, bound, control_listener).run()
+        return Master(config, bound, control_listener, argv=argv).run()
     finally:
         if config.pidfile is not None and written is not None:
             _remove_pidfile(config.pidfile, written)
 
 
-SUBCOMMANDS = ("status", "reload", "stop", "audit")
+def _resume(config: Config, argv: list[str], resumed: dict[str, Any]) -> int:
+    """The program an upgrade started: same pid, already detached, sockets open."""
+    fd = resumed["log_fd"]
+    if fd is None:
+        fd = 2
+        if config.log_file is not None:
+            try:
+                fd = log.open_file(config.log_file)
+            except OSError:
+                fd = 2
+    to_syslog = config.daemonize and config.log_file is None
+    log.configure(config.log_format, config.log_level, to_syslog=to_syslog, fd=fd)
+    set_title(f"master [{config.source}]")
+    written = None if config.pidfile is None else _write_pidfile(config.pidfile)
+    try:
+        return Master(config, argv=argv, resumed=resumed).run()
+    finally:
+        if config.pidfile is not None and written is not None:
+            _remove_pidfile(config.pidfile, written)
+
+
+SUBCOMMANDS = ("status", "reload", "stop", "upgrade", "audit")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,11 +188,15 @@ def main(argv: list[str] | None = None) -> int:
         return control.main(argv)
     try:
         config = parse_args(argv)
+        if config.upgrade_check:  # a running master asks: can this program take over?
+            said = {"ok": True, "version": __version__, "handover_versions": handover.VERSIONS_READ}
+            print(json.dumps(said))
+            return 0
         if config.check_only:
             names = ", ".join(e.name for e in config.exports)
             print(f"proxyd: {config.source}: valid ({len(config.exports)} exports: {names})")
             return 0
-        return serve(config)
+        return serve(config, argv)
     except ConfigError as e:
         print(f"proxyd: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -74,6 +74,7 @@ class Config:
     pidfile: str | None = None
     once: bool = False  # serve one connection, then exit (the reference's behaviour)
     check_only: bool = False  # --check: validate, report, exit
+    upgrade_check: bool = False  # --upgrade-check: can this program take over? (upgrade.py)
     fd: int | None = None  # -f: the one connection to serve
     source: str = "command line"  # the config file, for titles and logs
     path: str | None = field(default=None, compare=False)  # the config file to re-read
@@ -137,6 +138,8 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="validate the command line and configuration, then exit",
     )
+    # Asked by a running master before it re-executes this program (proxyd/upgrade.py).
+    ap.add_argument("--upgrade-check", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("-V", "--version", action="version", version=f"proxyd {__version__}")
     return ap
 
@@ -478,7 +481,11 @@ def parse_args(argv: list[str]) -> Config:
         config = replace(config, once=args.once)
     else:
         config = _from_flags(args)
-    overrides: dict[str, Any] = {"daemonize": not args.nodaemon, "check_only": args.check}
+    overrides: dict[str, Any] = {
+        "daemonize": not args.nodaemon,
+        "check_only": args.check,
+        "upgrade_check": args.upgrade_check,
+    }
     if args.log_format:
         overrides["log_format"] = args.log_format
     if args.log_level:

@@ -21,6 +21,7 @@ from proxyd.config import ConfigError, load_file
 DEFAULT_SOCKET = "/run/proxyd/control.sock"
 MAX_REQUEST = 4096
 CLIENT_TIMEOUT = 10.0
+UPGRADE_TIMEOUT = 90.0  # the new program is checked, then started: give it time
 
 
 class ControlError(Exception):
@@ -46,18 +47,18 @@ def peer_is_root(sock: socket.socket) -> bool:
     return int.from_bytes(creds[4:8], sys.byteorder) == 0
 
 
-COMMANDS = ("status", "reload", "stop")
+COMMANDS = ("status", "reload", "stop", "upgrade")
 
 
 def parse_request(data: bytes) -> str:
-    """The command of a request line ({"cmd": "status" | "reload" | "stop"}, nothing
-    else); ValueError for anything else, including JSON nested too deep to parse."""
+    """The command of a request line ({"cmd": one of COMMANDS}, nothing else);
+    ValueError for anything else, including JSON nested too deep to parse."""
     try:
         request = json.loads(data)
     except RecursionError:
         raise ValueError("nested too deep") from None
     if not isinstance(request, dict) or set(request) != {"cmd"} or request["cmd"] not in COMMANDS:
-        raise ValueError('expected {"cmd": "status" | "reload" | "stop"}')
+        raise ValueError('expected {"cmd": "status" | "reload" | "stop" | "upgrade"}')
     return request["cmd"]
 
 
@@ -65,9 +66,11 @@ def parse_request(data: bytes) -> str:
 
 
 def call(path: str, cmd: str) -> dict[str, Any]:
-    """Send one command to the daemon at `path` and return its answer."""
+    """Send one command to the daemon at `path` and return its answer. Raises
+    ControlError (no daemon, no answer in time, a refusal: the message says which)."""
+    timeout = UPGRADE_TIMEOUT if cmd == "upgrade" else CLIENT_TIMEOUT
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.settimeout(CLIENT_TIMEOUT)
+    sock.settimeout(timeout)
     try:
         try:
             sock.connect(path)
@@ -82,9 +85,7 @@ def call(path: str, cmd: str) -> dict[str, Any]:
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     except TimeoutError:
-        raise ControlError(
-            f"the daemon on {path} did not answer in {CLIENT_TIMEOUT:.0f} s"
-        ) from None
+        raise ControlError(f"the daemon on {path} did not answer in {timeout:.0f} s") from None
     except OSError as e:
         raise ControlError(f"{path}: {e.strerror}") from None
     finally:
@@ -125,6 +126,11 @@ def format_status(status: dict[str, Any]) -> str:
     lines = [
         f"proxyd {status['version']}  pid {status['pid']}  up {_age(status['uptime_s'])}  "
         f"config {status['source']}  generation {status['generation']}"
+        + (
+            f"  upgraded {_age(now - status['upgraded_at'])} ago ({status['upgrades']}x)"
+            if status.get("upgraded_at")
+            else ""
+        )
         + ("  STOPPING" if status.get("stopping") else ""),
         "",
     ]
@@ -204,8 +210,17 @@ def socket_path(args: argparse.Namespace) -> str:
     return DEFAULT_SOCKET
 
 
+def describe(cmd: str, answer: dict[str, Any]) -> str:
+    """What a command's answer says, in one line (status aside)."""
+    if cmd == "reload":
+        return f"reload applied (generation {answer['generation']})"
+    if cmd == "upgrade":
+        return f"upgraded from {answer['from']} to {answer['version']}"
+    return "stopping"
+
+
 def main(argv: list[str]) -> int:
-    """`proxyd status|reload|stop [--json] [--socket PATH | --config FILE]`."""
+    """`proxyd status|reload|stop|upgrade [--json] [--socket PATH | --config FILE]`."""
     ap = argparse.ArgumentParser(prog=f"proxyd {argv[0]}", description=__doc__.splitlines()[0])
     ap.add_argument("--socket", help=f"control socket (default {DEFAULT_SOCKET})")
     ap.add_argument("-c", "--config", help="read the control socket from this configuration")
@@ -220,10 +235,8 @@ def main(argv: list[str]) -> int:
     if argv[0] == "status":
         status = answer["status"]
         print(json.dumps(status, indent=2) if args.json else format_status(status))
-    elif argv[0] == "reload":
-        print(f"reload applied (generation {answer['generation']})")
     else:
-        print("stopping")
+        print(describe(argv[0], answer))
     return 0
 
 
@@ -247,11 +260,13 @@ def make_ctl_plugin(controller: Any, **config: str) -> Any:
             words = arg.split()
             cmd = words[0] if words else "status"
             if (
-                cmd not in ("status", "reload", "stop")
+                cmd not in COMMANDS
                 or len(words) > 2
-                or (len(words) == 2 and words[1] != "--json")
+                or (len(words) == 2 and (cmd, words[1]) != ("status", "--json"))
             ):
-                self.ctl.output("Error: proxyd status [--json] | proxyd reload | proxyd stop")
+                self.ctl.output(
+                    "Error: proxyd status [--json] | proxyd reload | proxyd stop | proxyd upgrade"
+                )
                 self.ctl.exitstatus = LSBInitExitStatuses.INVALID_ARGS
                 return
             try:
@@ -264,14 +279,13 @@ def make_ctl_plugin(controller: Any, **config: str) -> Any:
                 status = answer["status"]
                 as_json = len(words) == 2
                 self.ctl.output(json.dumps(status, indent=2) if as_json else format_status(status))
-            elif cmd == "reload":
-                self.ctl.output(f"reload applied (generation {answer['generation']})")
             else:
-                self.ctl.output("stopping")
+                self.ctl.output(describe(cmd, answer))
 
         def help_proxyd(self) -> None:
             self.ctl.output("proxyd status [--json]\tShow proxyd's exports, workers, connections")
             self.ctl.output("proxyd reload\t\tRe-read proxyd's configuration (as SIGHUP)")
             self.ctl.output("proxyd stop\t\tStop proxyd gracefully (as SIGTERM)")
+            self.ctl.output("proxyd upgrade\t\tRun the proxyd now installed, keeping every guest")
 
     return ProxydControllerPlugin(controller, **config)

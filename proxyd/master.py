@@ -32,7 +32,19 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from proxyd import __version__, channel, listener, log, mounts, recovery, service, slot
+from proxyd import (
+    __version__,
+    adopt,
+    channel,
+    handover,
+    listener,
+    log,
+    mounts,
+    recovery,
+    service,
+    slot,
+    upgrade,
+)
 from proxyd.config import (
     EXIT_EXPORT,
     EXIT_OK,
@@ -66,6 +78,7 @@ HANDLED_SIGNALS = (
     signal.SIGTTIN,
     signal.SIGTTOU,
     signal.SIGUSR1,
+    signal.SIGUSR2,
 )
 
 
@@ -105,7 +118,9 @@ def _failure_text(how: dict[str, Any]) -> str:
     return f"its workers cannot enter the sandbox (exit code {how.get('exit_code')})"
 
 
-def _describe_exit(status: int) -> dict[str, Any]:
+def _describe_exit(status: int | None) -> dict[str, Any]:
+    if status is None:  # an adopted worker, not our child: no status to read
+        return {}
     if os.WIFSIGNALED(status):
         return {"signal": signal.Signals(os.WTERMSIG(status)).name}
     return {"exit_code": os.WEXITSTATUS(status)}
@@ -117,8 +132,17 @@ class Master:
         config: Config,
         bound: dict[str, listener.Listener] | None = None,
         control_listener: listener.Listener | None = None,
+        argv: list[str] | None = None,
+        resumed: dict[str, Any] | None = None,
     ) -> None:
+        """`bound`: export sockets bound before detaching; `argv`: the command line, for
+        an upgrade to start the new program with; `resumed`: the handover document of
+        the master that re-executed this program (proxyd/handover.py)."""
         self.config = config
+        self.argv = list(argv or [])
+        self.resumed = resumed
+        self.upgrades = 0
+        self.upgraded_at: float | None = None
         self.log = log.get(role="master")
         self.selector = selectors.DefaultSelector()
         self.pools: dict[str, Pool] = {}
@@ -146,13 +170,32 @@ class Master:
         self._mounts = mounts.MountWatcher()
         self.selector.register(self._mounts.fd, selectors.EVENT_READ, self._on_mounts)
         # Connections whose worker died sending a reply: (conn, op, deadline).
-        self._undecided: dict[int, tuple[Connection, str | None, float]] = {}
+        self.undecided: dict[int, tuple[Connection, str | None, float]] = {}
         self._refusals: dict[tuple[str, int, str], tuple[float, int]] = {}
-        self.control = (
-            service.ControlService(control_listener, self.selector, self._control_answer, self.log)
-            if control_listener is not None
-            else None
+        self.control: service.ControlService | None = None
+        if control_listener is not None:
+            self.start_control(control_listener)
+
+    def start_control(self, control_listener: listener.Listener) -> None:
+        """Answer on the control socket (proxyd/service.py)."""
+        self.control = service.ControlService(
+            control_listener, self.selector, self._control_answer, self.log
         )
+
+    def mount_table(self) -> list[mounts.Mount]:
+        """The host's mounts as this process sees them now."""
+        return self._mounts.read()
+
+    def adopt_worker(self, w: Worker) -> None:
+        """Count `w` as one of ours and listen to it: its channel, or, for a worker that
+        is not our child, its pidfd (readable when it exits)."""
+        self.workers[w.pid] = w.pool.workers[w.pid] = w
+        if w.channel is not None:
+            self.selector.register(
+                w.channel, selectors.EVENT_READ, lambda _, w=w: self._on_worker_message(w)
+            )
+        if w.pidfd is not None:
+            self.selector.register(w.pidfd, selectors.EVENT_READ, lambda _, w=w: self._reap(w))
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -175,8 +218,26 @@ class Master:
                 needed=needed,
                 advice="raise LimitNOFILE (systemd) or minfds (supervisord)",
             )
-        for export in self.config.exports:
-            self._add_pool(export)
+        if self.resumed is not None:
+            handover.restore(self, self.resumed)
+            self._adopt_orphans()
+            self.log.info(
+                "upgrade done",
+                version=__version__,
+                from_version=self.resumed["program_version"],
+                upgrades=self.upgrades,
+                workers=len(self.workers),
+                connections=len(self.connections),
+            )
+            self.handle_chld()  # workers that exited while the program was being replaced
+        else:
+            for export in self.config.exports:
+                pool = Pool(config=export, min_idle=export.min_idle)
+                pool.host_mounts = mounts.below(self.mount_table(), os.path.realpath(export.path))
+                self.pools[export.name] = pool
+            self._adopt_orphans()  # before any worker of ours starts: they keep their numbers
+            for pool in self.pools.values():
+                self._open_pool(pool)
         if self.config.fd is not None:
             self._admit(
                 self.pools[self.config.exports[0].name], socket.socket(fileno=self.config.fd)
@@ -236,6 +297,9 @@ class Master:
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, lambda *_: None)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        # An upgrading master blocked them across its exec: what came meanwhile is
+        # delivered now, to these handlers.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
     def _on_signal(self, _: Any) -> None:
         try:
@@ -251,6 +315,7 @@ class Master:
             signal.SIGTTIN: self.handle_ttin,
             signal.SIGTTOU: self.handle_ttou,
             signal.SIGUSR1: self.handle_usr1,
+            signal.SIGUSR2: self.handle_usr2,
         }
         for signum in data:
             method = handlers.get(signum)
@@ -306,8 +371,6 @@ class Master:
             self.counters["reloads_refused"] += 1
             return str(e)
         old = self.config
-        old_names = set(self.pools)
-        new_names = {e.name for e in new.exports}
         self.config = new
         log.configure(
             new.log_format, new.log_level, to_syslog=log.uses_syslog(), fd=log.current_fd()
@@ -316,15 +379,30 @@ class Master:
         if new.log_file != old.log_file:
             self._reopen_log()
         self.generation += 1
+        changes = self.apply_configuration(new, old)
+        self.counters["reloads"] += 1
+        self.log.info(
+            "reload applied", generation=self.generation, config_digest=_digest(new), **changes
+        )
+        return None
+
+    def apply_configuration(self, new: Config, previous: Config | None) -> dict[str, list[str]]:
+        """Make the pools what `new` says: exports added are bound, removed ones closed,
+        a moved socket bound again; an export whose workers would be forked differently
+        than under `previous` (None after an upgrade: new code, so every one) gets new
+        workers at request boundaries, the others keep theirs. Returns the export names
+        added, removed, replaced, and all of them."""
+        old_names = set(self.pools)
+        new_names = {e.name for e in new.exports}
         for name in old_names - new_names:
-            self._remove_pool(self.pools[name])
+            self.remove_pool(self.pools[name])
         replaced = []
         for export in new.exports:
             pool = self.pools.get(export.name)
             if pool is None:
                 self._add_pool(export)
                 continue
-            if worker_view(old, pool.config) != worker_view(new, export):
+            if previous is None or worker_view(previous, pool.config) != worker_view(new, export):
                 pool.generation += 1
                 replaced.append(export.name)
                 pool.next_start = 0.0  # an unavailable export tries its new settings now
@@ -339,20 +417,17 @@ class Master:
             if moved:
                 self._close_listener(pool)
                 self._bind(pool)
+            elif pool.listener is not None and not pool.accepting:
+                self._listen(pool)  # taken over from an upgrading master
         for w in list(self.workers.values()):
             if w.generation < w.pool.generation:
                 self._retire(w)
-        self.counters["reloads"] += 1
-        self.log.info(
-            "reload applied",
-            generation=self.generation,
-            config_digest=_digest(new),
-            added=sorted(new_names - old_names),
-            removed=sorted(old_names - new_names),
-            replaced=replaced,
-            exports=sorted(new_names),
-        )
-        return None
+        return {
+            "added": sorted(new_names - old_names),
+            "removed": sorted(old_names - new_names),
+            "replaced": replaced,
+            "exports": sorted(new_names),
+        }
 
     def handle_ttin(self) -> None:
         """One more spare worker per export."""
@@ -372,6 +447,31 @@ class Master:
         """Reopen the log file (after logrotate moved it) here and in every worker."""
         self._reopen_log()
 
+    def handle_usr2(self) -> None:
+        """Upgrade in place: re-execute the proxyd now installed (see upgrade())."""
+        self.upgrade()
+
+    def upgrade(self, reply_to: socket.socket | None = None) -> str | None:
+        """Replace this program by the proxyd now installed, keeping the pid, every
+        socket, every connection and every worker (proxyd/upgrade.py); the new program
+        then replaces the workers at request boundaries, as a reload does. First the
+        new program is asked whether it can start and take over; if not, or if the exec
+        fails, this one goes on serving unchanged. Returns why it was refused (logged);
+        on success it does not return. `reply_to`: a control client to answer, by the
+        new program."""
+        if self.stop_deadline is not None:
+            return "the daemon is stopping"
+        command = upgrade.program()
+        self.log.info("upgrade started", version=__version__, program=command[0])
+        refusal, said = upgrade.check(command, self.argv)
+        if refusal is None:
+            document = handover.state(self, reply_to)
+            self.log.info("upgrade handing over", to_version=said.get("version"))
+            refusal = upgrade.execute(command, self.argv, document, HANDLED_SIGNALS)
+        self.counters["upgrades_refused"] += 1
+        self.log.warning("upgrade refused", reason=refusal, version=__version__)
+        return refusal
+
     def _reopen_log(self) -> None:
         path = self.config.log_file
         if path is None:
@@ -388,10 +488,10 @@ class Master:
             os.dup2(fd, log.current_fd())  # same number: workers forked later inherit it
             os.close(fd)
         for w in self.workers.values():
-            if w.control.fileno() < 0:
+            if w.channel is None:
                 continue
             with contextlib.suppress(OSError):
-                channel.send(w.control, {"op": "log"}, log.current_fd())
+                channel.send(w.channel, {"op": "log"}, log.current_fd())
             # Then tell a busy worker to look at its channel (after the send, so it finds it).
             w.journal.fields[slot.LOG_EPOCH] += 1
         self.counters["log_reopens"] += 1
@@ -412,8 +512,14 @@ class Master:
 
     def _add_pool(self, export: ExportConfig) -> None:
         pool = Pool(config=export, min_idle=export.min_idle)
-        pool.host_mounts = mounts.below(self._mounts.read(), os.path.realpath(export.path))
+        pool.host_mounts = mounts.below(self.mount_table(), os.path.realpath(export.path))
         self.pools[export.name] = pool
+        self._open_pool(pool)
+
+    def _open_pool(self, pool: Pool) -> None:
+        """Listen on the export's socket (bound before detaching, or now) and start its
+        workers."""
+        export = pool.config
         if export.socket is not None:
             pool.listener = self._bound.pop(export.name, None)
             if pool.listener is None:
@@ -422,7 +528,7 @@ class Master:
                 self._listen(pool)
         self._dispatch(pool)
 
-    def _remove_pool(self, pool: Pool) -> None:
+    def remove_pool(self, pool: Pool) -> None:
         pool.removed = True
         self._close_listener(pool)
         while pool.pending:
@@ -665,6 +771,13 @@ class Master:
             if w is None:
                 break
             self._hand(w, pool.pending.popleft())
+        # An adopted worker leaves once a worker of ours is ready for its connection (one
+        # idle worker per adopted worker leaving).
+        adopted = [w for w in pool.workers.values() if w.pidfd is not None and w.conn]
+        idle = sum(1 for w in pool.workers.values() if w.state == IDLE)
+        free = idle - sum(1 for w in adopted if w.state == RETIRING)
+        for w in [w for w in adopted if w.state == BUSY][: max(free, 0)]:
+            self._retire(w)
         if self.stop_deadline is not None or pool.removed:
             return
         now = time.monotonic()
@@ -750,12 +863,7 @@ class Master:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         worker_end.close()
         master_end.setblocking(False)
-        w = Worker(pid, pool, index, pool.generation, master_end, journal)
-        self.workers[pid] = w
-        pool.workers[pid] = w
-        self.selector.register(
-            master_end, selectors.EVENT_READ, lambda sock, w=w: self._on_worker_message(w)
-        )
+        self.adopt_worker(Worker(pid, pool, index, pool.generation, master_end, journal))
         return True
 
     def _cannot_start(self, pool: Pool, step: str, e: OSError) -> bool:
@@ -814,9 +922,10 @@ class Master:
 
     def _forget_channel(self, w: Worker) -> None:
         """Close our end of the worker's channel: an idle worker exits at EOF."""
-        if w.control.fileno() >= 0:
-            self.selector.unregister(w.control)
-            w.control.close()
+        if w.channel is not None:
+            self.selector.unregister(w.channel)
+            w.channel.close()
+            w.channel = None
 
     def _kill(self, w: Worker, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -839,7 +948,8 @@ class Master:
             "peer_gid": conn.peer_gid,
         }
         try:
-            channel.send(w.control, message, conn.sock.fileno())
+            assert w.channel is not None  # only an idle worker is handed a connection
+            channel.send(w.channel, message, conn.sock.fileno())
         except OSError:
             w.pool.pending.appendleft(conn)  # the worker is gone; SIGCHLD will tell
             w.state = RETIRING
@@ -853,9 +963,9 @@ class Master:
     # --- messages from workers --------------------------------------------------------------
 
     def _on_worker_message(self, w: Worker) -> None:
-        while w.control.fileno() >= 0:
+        while w.channel is not None:
             try:
-                message, _ = channel.receive(w.control, channel.FROM_WORKER, socket.MSG_DONTWAIT)
+                message, _ = channel.receive(w.channel, channel.FROM_WORKER, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
             except (channel.ChannelError, OSError) as e:
@@ -936,7 +1046,50 @@ class Master:
 
     # --- deaths and crash recovery -------------------------------------------------------------
 
-    def _worker_exited(self, w: Worker, status: int) -> None:
+    def _adopt_orphans(self) -> None:
+        """Take back the connections a master that died left with its workers (they go
+        on serving without one): watched, recovered and audited again, each moves to a
+        worker of ours at its next request boundary (proxyd/adopt.py)."""
+        for pid, name, index in adopt.candidates({p.name: p.config for p in self.pools.values()}):
+            try:
+                orphan = adopt.take(pid, name, index)
+            except OSError as e:
+                self.log.warning("orphan not adopted", export=name, worker_pid=pid, error=str(e))
+                continue
+            pool = self.pools[name]
+            sock = socket.socket(fileno=orphan.conn_fd)
+            peer_pid, uid, gid = _peer(sock)
+            conn = Connection(self.next_conn, sock, name, peer_pid, uid, gid)
+            self.next_conn += 1
+            self.connections[conn.id] = conn
+            journal = Slot(fd=orphan.journal_fd)
+            # Generation -1: it is asked to leave (_dispatch) as soon as a worker of ours
+            # is ready to take its connection, which then never waits in the master.
+            w = Worker(pid, pool, index, -1, None, journal, state=BUSY, conn=conn)
+            w.pidfd = orphan.pidfd
+            self.adopt_worker(w)
+            pool.next_index = max(pool.next_index, index + 1)
+            self.counters["connections_adopted"] += 1
+            self.log.warning(
+                "connection adopted",
+                export=name,
+                conn=conn.id,
+                worker_pid=pid,
+                peer_pid=peer_pid,
+                peer_uid=uid,
+                peer_gid=gid,
+            )
+
+    def _reap(self, w: Worker) -> None:
+        """An adopted worker (not our child: no SIGCHLD, no status) has exited."""
+        assert w.pidfd is not None
+        self.selector.unregister(w.pidfd)
+        os.close(w.pidfd)
+        w.pidfd = None
+        if self.workers.pop(w.pid, None) is not None:
+            self._worker_exited(w, None)
+
+    def _worker_exited(self, w: Worker, status: int | None) -> None:
         # What it said before it went comes first (a connection released at a request
         # boundary is handed on as released, not recovered as a crash).
         self._on_worker_message(w)
@@ -1042,7 +1195,7 @@ class Master:
             else:
                 self._uncertain(conn, verdict.op, "could not send the EIO reply")
         elif verdict.action == recovery.AWAIT_NEXT:
-            self._await_next_request(conn, verdict.op)
+            self.await_next_request(conn, verdict.op)
         else:
             self._uncertain(conn, verdict.op, verdict.outcome)
 
@@ -1071,25 +1224,25 @@ class Master:
         pool.pending.appendleft(conn)
         self._dispatch(pool)
 
-    def _await_next_request(self, conn: Connection, op: str | None) -> None:
+    def await_next_request(self, conn: Connection, op: str | None) -> None:
         """The worker died sending a reply that is no longer queued: either it never
         left, or the guest read it already. A guest that read it soon sends its next
         request; one still waiting never will. Wait a moment for the difference."""
         deadline = time.monotonic() + recovery.REPLY_VERDICT_WAIT
-        self._undecided[conn.id] = (conn, op, deadline)
+        self.undecided[conn.id] = (conn, op, deadline)
         self.selector.register(
             conn.sock, selectors.EVENT_READ, lambda sock, conn=conn: self._reply_was_read(conn)
         )
 
     def _reply_was_read(self, conn: Connection) -> None:
-        _, op, _ = self._undecided.pop(conn.id)
+        _, op, _ = self.undecided.pop(conn.id)
         self.selector.unregister(conn.sock)
         self._hand_on(conn, op, "reply had been sent")  # a next request, or EOF: both fine
 
     def _judge_undecided(self, now: float) -> None:
-        for conn_id, (conn, op, deadline) in list(self._undecided.items()):
+        for conn_id, (conn, op, deadline) in list(self.undecided.items()):
             if now >= deadline or self.stop_deadline is not None:
-                del self._undecided[conn_id]
+                del self.undecided[conn_id]
                 self.selector.unregister(conn.sock)
                 self._uncertain(conn, op, "died sending a reply; the guest sent nothing since")
 
@@ -1152,7 +1305,10 @@ class Master:
 
     # --- the control socket -----------------------------------------------------------------
 
-    def _control_answer(self, cmd: str) -> dict[str, Any]:
+    def _control_answer(self, cmd: str, client: socket.socket) -> dict[str, Any]:
+        if cmd == "upgrade":
+            refused = self.upgrade(reply_to=client)  # on success the new program answers
+            return {"ok": False, "error": f"upgrade refused: {refused}"}
         if cmd == "status":
             return {"ok": True, "status": self.status()}
         if cmd == "reload":

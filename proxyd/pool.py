@@ -58,7 +58,9 @@ class Worker:
     pool: Pool
     index: int
     generation: int
-    control: socket.socket  # the master's end of the worker's channel
+    # The master's end of the worker's channel; None once closed (the worker is told to
+    # leave, or is gone) and for a worker adopted from a dead master (it has none).
+    channel: socket.socket | None
     journal: Slot
     started: float = field(default_factory=time.time)
     state: str = STARTING
@@ -71,6 +73,9 @@ class Worker:
     watch_since: float = 0.0
     killed_for: str | None = None  # recovery.HUNG or recovery.UNRESPONSIVE
     killed_at: float = 0.0
+    # A worker adopted from a master that died is not our child: its pidfd tells when
+    # it exits (proxyd/adopt.py).
+    pidfd: int | None = None
     idle_since: float = 0.0  # monotonic time it last became idle
 
     @property

@@ -56,7 +56,6 @@ PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
-PR_SET_PDEATHSIG = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -112,11 +111,6 @@ def _last_cap() -> int:
 
 def _prctl(option: int, arg2: int, what: str) -> None:
     _check(_libc.prctl(option, ctypes.c_ulong(arg2), 0, 0, 0), what)
-
-
-def die_with_parent(sig: int) -> None:
-    """Ask the kernel to send `sig` when the parent exits (PR_SET_PDEATHSIG)."""
-    _prctl(PR_SET_PDEATHSIG, sig, "prctl(PR_SET_PDEATHSIG)")
 
 
 CLONE_NEWNS = 0x00020000

@@ -1,6 +1,7 @@
 """The master's control service: the root-only control socket and the status document.
 
-A client connects, sends one JSON line ({"cmd": "status" | "reload" | "stop"}) and
+A client connects, sends one JSON line ({"cmd": "status" | "reload" | "stop" |
+"upgrade"}) and
 reads one JSON document back (proxyd/control.py is the client side). The service reads
 without blocking, inside the master's selector loop: a client that never finishes its
 line is dropped after CLIENT_DEADLINE seconds, and one that does not read its answer
@@ -29,13 +30,14 @@ ANSWER_TIMEOUT = 1.0  # seconds the answer may take to send
 
 
 class ControlService:
-    """Accepts control clients on `listener_` and answers each with `answer(cmd)`."""
+    """Accepts control clients on `listener_` and answers each with `answer(cmd, client)`
+    (an upgrade that succeeds never returns: the new program answers that client)."""
 
     def __init__(
         self,
         listener_: listener.Listener,
         selector: selectors.BaseSelector,
-        answer: Callable[[str], dict[str, Any]],
+        answer: Callable[[str, socket.socket], dict[str, Any]],
         log: Any,
     ) -> None:
         self.listener = listener_
@@ -94,7 +96,7 @@ class ControlService:
         if data and b"\n" not in buf and len(buf) < control.MAX_REQUEST:
             return  # the rest of the line is still coming
         try:
-            answer = self._answer(control.parse_request(bytes(buf)))
+            answer = self._answer(control.parse_request(bytes(buf)), client)
         except ValueError as e:
             self.log.warning("bad control request", error=str(e)[:200])
             answer = {"ok": False, "error": f"bad request: {e}"}
@@ -174,6 +176,8 @@ def status_document(master: Master) -> dict[str, Any]:
         "uptime_s": round(now - master.started, 1),
         "source": master.config.source,
         "generation": master.generation,
+        "upgrades": master.upgrades,
+        "upgraded_at": master.upgraded_at,
         "stopping": master.stop_deadline is not None,
         "exports": exports,
         "workers": workers,

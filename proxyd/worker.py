@@ -551,8 +551,11 @@ def _worker(
     journal: Slot,
     master_pid: int,
 ) -> int:
-    privileges.die_with_parent(signal.SIGKILL)
-    if os.getppid() != master_pid:  # the master died before PDEATHSIG was armed
+    # No PR_SET_PDEATHSIG: a worker outlives a master that dies (SIGKILL, a crash) and
+    # keeps serving its connection until the guest leaves or a new master adopts the
+    # connection (README, "When the master dies"). An idle or starting worker learns of
+    # the death from its channel (EOF, EPIPE) and leaves.
+    if os.getppid() != master_pid:  # the master died while we were being forked
         return EXIT_OK
     # No core files: a hung worker is killed with SIGABRT, and its cwd is the export.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -563,7 +566,8 @@ def _worker(
     # before the chroot hides /dev/log.
     if log.uses_syslog():
         syslog.closelog()
-    privileges.keep_only_descriptors((0, 1, 2, control.fileno(), log.current_fd()))
+    # The journal's memfd stays too: a master that adopts this worker maps it again.
+    privileges.keep_only_descriptors((0, 1, 2, control.fileno(), log.current_fd(), journal.fd))
     # The master's destination (stderr, log file or syslog), set up again for this pid.
     log.configure(
         config.log_format, config.log_level, to_syslog=log.uses_syslog(), fd=log.current_fd()
@@ -621,7 +625,12 @@ def _worker(
             "reason": stats.reason,
             "protocol_error": stats.protocol_error,
         }
-        if not _report(control, report) or op == "released":
+        if not _report(control, report):
+            # Only a dead master leaves a busy worker's channel closed: we served its
+            # connection on our own (or until a new master took it back), and go.
+            logger.warning("master gone", conn=conn_id, requests=stats.requests, reason=op)
+            return EXIT_OK
+        if op == "released":
             return EXIT_OK
         _title(export.name, index, "idle")
 
@@ -639,7 +648,7 @@ def _report(control: socket.socket, message: dict[str, Any]) -> bool:
 def _take_messages(control: socket.socket, block: bool) -> tuple[int, dict[str, int], int] | None:
     """Handle the master's messages. A reopened log file is taken over at once; a
     connection to serve is returned (id, peer, descriptor). None when the master
-    closed the channel, or (not blocking) when nothing is left to read."""
+    closed the channel or is gone, or (not blocking) when nothing is left to read."""
     while True:
         try:
             message, fd = channel.receive(
@@ -647,9 +656,7 @@ def _take_messages(control: socket.socket, block: bool) -> tuple[int, dict[str, 
             )
         except BlockingIOError:
             return None
-        if message is None:
-            if not block:
-                raise _Released  # the master is gone; PDEATHSIG follows
+        if message is None:  # the master closed our channel, or is gone
             return None
         assert fd is not None  # the schema requires one for both ops
         if message["op"] == "log":

@@ -89,9 +89,11 @@ class Daemon:
         exports: list[dict[str, Any]],
         *,
         nofile: int | None = None,
+        command: list[str] | None = None,
         **daemon: Any,
     ) -> None:
-        """`daemon` are [daemon] keys; `nofile` sets RLIMIT_NOFILE (soft and hard)."""
+        """`daemon` are [daemon] keys; `nofile` sets RLIMIT_NOFILE (soft and hard);
+        `command` runs another proxyd program than this checkout's."""
         self.tmp = tmp
         self.exports = {}
         for export in exports:
@@ -107,7 +109,7 @@ class Daemon:
         self.log_path = Path(daemon["log_file"]) if "log_file" in daemon else self.stderr_path
         self._log = open(self.stderr_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxyd", "-n", "--config", str(self.config)],
+            [*(command or [sys.executable, "-m", "proxyd"]), "-n", "--config", str(self.config)],
             cwd=CHECKOUT,
             stdin=subprocess.DEVNULL,
             stdout=self._log,

@@ -1265,7 +1265,9 @@ def test_workers_hold_only_their_own_descriptors(tmp_path: Path, destination: st
             files = [held[fd] for fd in (0, 1, 2)]
             assert files == ["/dev/null", str(stderr), str(stderr)], f"{text}: stdio {held}"
             rest = sorted(target for fd, target in held.items() if fd > 2)
-            expected = ["socket", "socket"] if " conn=" in text else ["socket"]
+            # Its channel, its journal (a memfd), and its connection when it has one.
+            journal = "/memfd:proxyd-journal (deleted)"
+            expected = sorted(["socket", journal] + (["socket"] if " conn=" in text else []))
             if destination == "log_file":
                 expected = sorted([*expected, str(log_file)])
             assert rest == expected, f"{text} holds {held}"
@@ -1317,9 +1319,9 @@ def test_a_worker_logging_to_syslog_keeps_its_connection_to_it(tmp_path: Path) -
             held = descriptors(pid)
             stdio, rest = [held.pop(fd) for fd in (0, 1, 2)], sorted(held.values())
             assert stdio == ["/dev/null"] * 3, f"{text}: {stdio}"
-            # The channel, the syslog socket, and the connection if serving.
-            expected = 3 if " conn=" in text else 2
-            assert rest == ["socket"] * expected, f"{text} holds {rest}"
+            # The channel, the syslog socket, the journal, and the connection if serving.
+            sockets = ["socket"] * (3 if " conn=" in text else 2)
+            assert rest == sorted(["/memfd:proxyd-journal (deleted)", *sockets]), f"{text}: {rest}"
         client.close()
     finally:
         os.kill(master, signal.SIGTERM)

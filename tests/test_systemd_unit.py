@@ -355,8 +355,8 @@ class Confinement:
         return subprocess.Popen(setpriv_argv() + argv, preexec_fn=self._enter, **kwargs)  # noqa: PLW1509
 
     def close(self) -> None:
-        """Remove the cgroup once every process in it is gone (workers die with the
-        master, PR_SET_PDEATHSIG, a moment later)."""
+        """Remove the cgroup once every process in it is gone (idle workers leave when
+        their master's channel closes, a moment after it)."""
         wait_until(
             lambda: not (self.cgroup / "cgroup.procs").read_text().split(), 15, "empty cgroup"
         )
