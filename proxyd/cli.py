@@ -12,10 +12,12 @@ import secrets
 import stat
 import sys
 
-from proxyd import control, listener, log
+from proxyd import control, listener, log, sink
 from proxyd.config import EXIT_SOCKET_IN_USE, Config, ConfigError, parse_args
 from proxyd.master import Master
 from proxyd.title import set_title
+
+EXIT_FLUSH_TIMEOUT = 1.0  # seconds a stopping master waits for the log to take its last lines
 
 
 def daemonize() -> None:
@@ -117,19 +119,21 @@ def serve(config: Config) -> int:
         for done in bound.values():
             done.close()
         raise
-    log_fd = 2
-    if config.log_file is not None:
-        try:
-            log_fd = log.open_file(config.log_file)
-        except OSError as e:
-            for done in [*bound.values(), *([control_listener] if control_listener else [])]:
-                done.close()
-            raise ConfigError(f"log file '{config.log_file}': {e.strerror}") from None
+    try:
+        destination = _log_destination(config)
+    except ConfigError:
+        for done in [*bound.values(), *([control_listener] if control_listener else [])]:
+            done.close()
+        raise
     if config.daemonize:
         daemonize()
-    # Daemonized without a log file: syslog, as the reference helper does.
-    to_syslog = config.daemonize and config.log_file is None
-    log.configure(config.log_format, config.log_level, to_syslog=to_syslog, fd=log_fd)
+    log.configure(
+        config.log_format,
+        config.log_level,
+        destination=destination,
+        on_blocked=config.on_log_blocked,
+        identity={"role": "master"},
+    )
     for path in stale:
         log.get(role="master").info("stale socket replaced", socket=path)
     set_title(f"master [{config.source}]")  # before the pidfile names this process
@@ -139,6 +143,30 @@ def serve(config: Config) -> int:
     finally:
         if config.pidfile is not None and written is not None:
             _remove_pidfile(config.pidfile, written)
+        log.close(EXIT_FLUSH_TIMEOUT)  # the last lines (`stop`), if the log takes them soon
+
+
+def _log_destination(config: Config) -> sink.Sink:
+    """Where the master's lines go, set up while an error still reaches the terminal:
+    the log file; else, when detaching, syslog; else stderr (proxyd/sink.py).
+
+    Detaching without a log file when syslog's /dev/log cannot be connected is refused:
+    the logs would go nowhere. Raises ConfigError (exit code 2) naming the cause.
+    """
+    if config.log_file is not None:
+        try:
+            return sink.for_file(log.open_file(config.log_file))
+        except OSError as e:
+            raise ConfigError(f"log file '{config.log_file}': {e.strerror}") from None
+    if config.daemonize:
+        try:
+            return sink.for_syslog()
+        except OSError as e:
+            raise ConfigError(
+                f"no log_file, and syslog cannot be reached at {sink.SYSLOG_PATH} "
+                f"({e.strerror}): set log_file (--log-file), or stay in the foreground (-n)"
+            ) from None
+    return sink.for_descriptor(2)
 
 
 SUBCOMMANDS = ("status", "reload", "stop", "audit")
