@@ -318,10 +318,6 @@ def close(timeout: float) -> None:
     _sink.close(timeout)
 
 
-def uses_syslog() -> bool:
-    return _sink.syslog
-
-
 def current_fd() -> int:
     """The descriptor lines are written to (a worker keeps it through its sandbox)."""
     return _sink.fd
