@@ -14,10 +14,12 @@ import stat
 import sys
 from typing import Any
 
-from proxyd import __version__, control, handover, listener, log
+from proxyd import __version__, control, handover, listener, log, sink
 from proxyd.config import EXIT_INTERNAL, EXIT_SOCKET_IN_USE, Config, ConfigError, parse_args
 from proxyd.master import Master
 from proxyd.title import set_title
+
+EXIT_FLUSH_TIMEOUT = 1.0  # seconds a stopping master waits for the log to take its last lines
 
 
 def daemonize() -> None:
@@ -130,19 +132,21 @@ def serve(config: Config, argv: list[str]) -> int:
         for done in bound.values():
             done.close()
         raise
-    log_fd = 2
-    if config.log_file is not None:
-        try:
-            log_fd = log.open_file(config.log_file)
-        except OSError as e:
-            for done in [*bound.values(), *([control_listener] if control_listener else [])]:
-                done.close()
-            raise ConfigError(f"log file '{config.log_file}': {e.strerror}") from None
+    try:
+        destination = _log_destination(config)
+    except ConfigError:
+        for done in [*bound.values(), *([control_listener] if control_listener else [])]:
+            done.close()
+        raise
     if config.daemonize:
         daemonize()
-    # Daemonized without a log file: syslog, as the reference helper does.
-    to_syslog = config.daemonize and config.log_file is None
-    log.configure(config.log_format, config.log_level, to_syslog=to_syslog, fd=log_fd)
+    log.configure(
+        config.log_format,
+        config.log_level,
+        destination=destination,
+        on_blocked=config.on_log_blocked,
+        identity={"role": "master"},
+    )
     for path in stale:
         log.get(role="master").info("stale socket replaced", socket=path)
     set_title(f"master [{config.source}]")  # before the pidfile names this process
@@ -152,20 +156,45 @@ def serve(config: Config, argv: list[str]) -> int:
     finally:
         if config.pidfile is not None and written is not None:
             _remove_pidfile(config.pidfile, written)
+        log.close(EXIT_FLUSH_TIMEOUT)  # the last lines (`stop`), if the log takes them soon
+
+
+def _log_destination(config: Config) -> sink.Sink:
+    """Where the master's lines go, set up while an error still reaches the terminal:
+    the log file; else, when detaching, syslog; else stderr (proxyd/sink.py).
+
+    Detaching without a log file when syslog's /dev/log cannot be connected is refused:
+    the logs would go nowhere. Raises ConfigError (exit code 2) naming the cause.
+    """
+    if config.log_file is not None:
+        try:
+            return sink.for_file(log.open_file(config.log_file))
+        except OSError as e:
+            raise ConfigError(f"log file '{config.log_file}': {e.strerror}") from None
+    if config.daemonize:
+        try:
+            return sink.for_syslog()
+        except OSError as e:
+            raise ConfigError(
+                f"no log_file, and syslog cannot be reached at {sink.SYSLOG_PATH} "
+                f"({e.strerror}): set log_file (--log-file), or stay in the foreground (-n)"
+            ) from None
+    return sink.for_descriptor(2)
 
 
 def _resume(config: Config, argv: list[str], resumed: dict[str, Any]) -> int:
     """The program an upgrade started: same pid, already detached, sockets open."""
+    # The log file the old program wrote to (even if logrotate moved it meanwhile: the
+    # next SIGUSR1 reopens), else stderr or syslog set up as at start.
     fd = resumed["log_fd"]
-    if fd is None:
-        fd = 2
-        if config.log_file is not None:
-            try:
-                fd = log.open_file(config.log_file)
-            except OSError:
-                fd = 2
-    to_syslog = config.daemonize and config.log_file is None
-    log.configure(config.log_format, config.log_level, to_syslog=to_syslog, fd=fd)
+    destination = sink.for_file(fd) if fd is not None else _log_destination(config)
+    log.configure(
+        config.log_format,
+        config.log_level,
+        destination=destination,
+        on_blocked=config.on_log_blocked,
+        identity={"role": "master"},
+    )
     set_title(f"master [{config.source}]")
     written = None if config.pidfile is None else _write_pidfile(config.pidfile)
     try:
@@ -173,6 +202,7 @@ def _resume(config: Config, argv: list[str], resumed: dict[str, Any]) -> int:
     finally:
         if config.pidfile is not None and written is not None:
             _remove_pidfile(config.pidfile, written)
+        log.close(EXIT_FLUSH_TIMEOUT)
 
 
 SUBCOMMANDS = ("status", "reload", "stop", "upgrade", "audit")

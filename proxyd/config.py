@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from proxyd import __version__
-from proxyd.log import FORMATS, LEVELS
+from proxyd.log import FORMATS, LEVELS, ON_BLOCKED
 from proxyd.privileges import SECCOMP_MODES
 
 SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 for the NUL
@@ -70,6 +70,7 @@ class Config:
     stop_timeout: float = 5.0
     request_timeout: float = 30.0
     seccomp: str = "kill"  # kill | log | off: what a forbidden system call does to a worker
+    on_log_blocked: str = "drop"  # drop | wait: when the log does not take a line (proxyd/sink.py)
     daemonize: bool = False
     pidfile: str | None = None
     once: bool = False  # serve one connection, then exit (the reference's behaviour)
@@ -93,6 +94,7 @@ def worker_view(config: Config, export: ExportConfig) -> tuple[Any, ...]:
         config.audit,
         config.request_timeout,
         config.seccomp,
+        config.on_log_blocked,
     )
 
 
@@ -260,6 +262,7 @@ _DAEMON_KEYS = {
     "stop_timeout",
     "request_timeout",
     "seccomp",
+    "on_log_blocked",
 }
 _EXPORT_KEYS = {
     "name",
@@ -432,6 +435,7 @@ def load_file(path: str, running: Config | None = None) -> Config:
         86400,
     )
     seccomp = _choice(daemon, "seccomp", SECCOMP_MODES, "kill")
+    on_log_blocked = _choice(daemon, "on_log_blocked", ON_BLOCKED, "drop")
     tables = _typed(data, "export", "config", list, [])
     if not tables:
         raise ConfigError("config: no [[export]] table")
@@ -455,6 +459,7 @@ def load_file(path: str, running: Config | None = None) -> Config:
         stop_timeout=float(stop_timeout),
         request_timeout=float(request_timeout),
         seccomp=seccomp,
+        on_log_blocked=on_log_blocked,
         source=os.path.abspath(path),
         path=os.path.abspath(path),
     )

@@ -156,7 +156,7 @@ def format_status(status: dict[str, Any]) -> str:
     )
     lines.append("")
     lines += _table(
-        ["WORKER", "PID", "STATE", "CONN", "CONNECTIONS", "REQUESTS", "UP"],
+        ["WORKER", "PID", "STATE", "CONN", "CONNECTIONS", "REQUESTS", "UP", "LOG_DROPPED"],
         [
             [
                 f"{w['export']}#{w['index']}",
@@ -166,6 +166,7 @@ def format_status(status: dict[str, Any]) -> str:
                 w["connections"],
                 w["requests"],
                 _age(now - w["started"]),
+                w.get("log_dropped", 0),
             ]
             for w in status["workers"]
         ],
@@ -195,7 +196,19 @@ def format_status(status: dict[str, Any]) -> str:
         "",
         "counters: " + (", ".join(f"{k}={v}" for k, v in sorted(counters.items())) or "none"),
     ]
+    if "log" in status:
+        lines.append(_log_line(status["log"]))
     return "\n".join(lines)
+
+
+def _log_line(counts: dict[str, Any]) -> str:
+    """One line: log lines dropped in all (and by whom), what the master holds."""
+    return (
+        f"log lines dropped: {counts['dropped']} (master {counts['master_dropped']}, "
+        f"workers {counts['workers_dropped']}, exited workers "
+        f"{counts['exited_workers_dropped']}); master holds {counts['master_pending']}; "
+        f"on_log_blocked = {counts['on_blocked']}"
+    )
 
 
 def socket_path(args: argparse.Namespace) -> str:

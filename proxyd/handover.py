@@ -133,7 +133,7 @@ def _take_listener(doc: dict[str, Any] | None) -> listener.Listener | None:
 def state(master: Master, reply_to: socket.socket | None) -> dict[str, Any]:
     """The running master's state as a version-1 document (see above)."""
     undecided = {conn_id: op for conn_id, (_, op, _) in master.undecided.items()}
-    logs_to_file = master.config.log_file is not None and not log.uses_syslog()
+    logs_to_file = master.config.log_file is not None
     return {
         "version": VERSION,
         "program_version": __version__,

@@ -6,9 +6,11 @@
   strings cut, and says which in its `truncated` field.
 * Levels below the configured one cost one method call (structlog's filtering
   bound logger).
-* Destinations: stderr (default), a file (`log_file`; reopened on SIGUSR1, workers
-  get the new descriptor from the master since they cannot open it from their
-  chroot), or syslog when daemonized without a file (connected before the chroot).
+* Destinations (proxyd/sink.py, which never makes a process wait for them): stderr
+  (default), a file (`log_file`; reopened on SIGUSR1, workers get the new descriptor
+  from the master since they cannot open it from their chroot), or syslog when
+  daemonized without a file (a datagram socket to /dev/log, connected before the
+  chroot; lines framed as glibc's syslog(3) frames them).
 
 The audit event (`event="op"`) is built here too, so that its schema lives in one
 place; docs/events.md documents every event and field.
@@ -16,7 +18,7 @@ place; docs/events.md documents every event and field.
 
 from __future__ import annotations
 
-import contextlib
+import datetime
 import errno
 import json
 import logging
@@ -24,14 +26,18 @@ import math
 import os
 import select
 import stat
-import syslog
+import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import structlog
 
+from proxyd import sink
+
 LEVELS = ("debug", "info", "warning", "error", "critical")
 FORMATS = ("json", "console")
+ON_BLOCKED = ("drop", "wait")  # on_log_blocked: what a line the log does not take costs
 LINE_MAX = select.PIPE_BUF  # 4096 on Linux: the largest write a pipe keeps whole
 _SHORTEST_CUT = 64  # never cut a string below this many characters
 
@@ -136,76 +142,185 @@ def _fit(event: dict[str, Any], render: Any) -> bytes:
     return line[: LINE_MAX - 1]
 
 
-class _FdWriter:
-    """A structlog logger: each event is one os.write of one line."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def msg(self, line: bytes) -> None:
-        with contextlib.suppress(OSError):  # a closed log must never stop the server
-            os.write(self.fd, line + b"\n")
-
-    debug = info = warning = error = critical = exception = msg
+# syslog priorities (RFC 3164): facility daemon, and a severity per level.
+_LOG_DAEMON = 3 << 3
+_SEVERITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
-class _SyslogWriter:
-    """A structlog logger for daemon mode: one syslog(3) message per event."""
-
-    def _at(priority: int):  # type: ignore[misc]
-        def write(self: _SyslogWriter, line: bytes) -> None:
-            syslog.syslog(priority, line.decode("utf-8", "backslashreplace"))
-
-        return write
-
-    debug = _at(syslog.LOG_DEBUG)
-    info = msg = _at(syslog.LOG_INFO)
-    warning = _at(syslog.LOG_WARNING)
-    error = exception = _at(syslog.LOG_ERR)
-    critical = _at(syslog.LOG_CRIT)
-    del _at
+def _syslog_line(severity: int, line: bytes) -> bytes:
+    """`line` as a syslog message, as glibc's syslog(3) frames it for /dev/log:
+    `<PRI>Mmm dd hh:mm:ss proxyd[PID]: ` and the line (RFC 3164, local time)."""
+    t = time.localtime()  # localtime_r: the zone read at start, no file read in the chroot
+    stamp = f"{_MONTHS[t.tm_mon - 1]} {t.tm_mday:2d} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+    return f"<{_LOG_DAEMON | severity}>{stamp} proxyd[{os.getpid()}]: ".encode() + line
 
 
-_writer: Any = _FdWriter(2)
+def _framed(level: str) -> Callable[[Any, bytes], bytes]:
+    """A structlog logger method returning the line as this process's sink takes it."""
+    severity = _SEVERITY[level]
+
+    def frame(self: Any, line: bytes) -> bytes:
+        return _syslog_line(severity, line) if _sink.syslog else line + b"\n"
+
+    return frame
+
+
+def _written(level: str) -> Callable[[Any, bytes], None]:
+    """A structlog logger method writing the line to this process's sink."""
+    severity = _SEVERITY[level]
+
+    def write(self: Any, line: bytes) -> None:
+        out = _sink  # looked up per line: a reopened log file may have replaced it
+        out.write(_syslog_line(severity, line) if out.syslog else line + b"\n")
+
+    return write
+
+
+class _Writer:
+    """structlog's logger: each event is one line to this process's sink (sink.py),
+    which never waits for the destination."""
+
+    debug = _written("debug")
+    info = msg = _written("info")
+    warning = _written("warning")
+    error = exception = _written("error")
+    critical = _written("critical")
+
+
+class _Framer:
+    """A logger whose methods return the line instead of writing it: the sink's own
+    `log lines dropped` warning is rendered with it, then written by the sink."""
+
+    warning = _framed("warning")
+
+
+_WRITER = _Writer()
+_sink = sink.Sink(2)  # until configure(): stderr as it is
+_identity: dict[str, Any] = {"role": "master"}  # the fields of the sink's own warning
+_processors: list[Any] = []
+_wrapper: Any = None
+_stamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+# A new process (a worker) starts with nothing held and nothing counted.
+os.register_at_fork(after_in_child=lambda: _sink.forked())
+
+
+def _timestamp(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """The `timestamp` field, but for syslog, which stamps its own time."""
+    return event if _sink.syslog else _stamper(logger, name, event)
+
+
+def _utc(t: float) -> str:
+    """`t` (time.time()) as the `timestamp` field writes it."""
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _report_dropped(lines: int, since: float, error: int) -> bytes | None:
+    """The `log lines dropped` line (None when the level leaves warnings out)."""
+    logger = structlog.wrap_logger(_Framer(), processors=_processors, wrapper_class=_wrapper)
+    line: bytes | None = logger.warning(
+        "log lines dropped",
+        pid=os.getpid(),
+        **_identity,
+        lines=lines,
+        since=_utc(since),
+        error=errno.errorcode.get(error, str(error)),
+    )
+    return line
 
 
 def configure(
-    fmt: str = "json", level: str = "info", *, to_syslog: bool = False, fd: int = 2
+    fmt: str = "json",
+    level: str = "info",
+    *,
+    destination: sink.Sink | None = None,
+    on_blocked: str = "drop",
+    identity: dict[str, Any] | None = None,
 ) -> None:
-    """Set up structlog for this process (again in each worker after the fork).
+    """Set up structlog for this process (again on a reload, and in each worker).
 
-    Lines go to `fd` (stderr by default, or a log file), or to syslog.
+    `destination`: where lines go from now on (sink.py: stderr, a log file or
+    syslog); None keeps the current one, with what it holds and has counted.
+    `on_blocked`: "drop" (lines the destination does not take are held, then dropped
+    and counted) or "wait" (the process waits for it). `identity`: the fields (role,
+    export, worker) of the sink's own `log lines dropped` warning; None keeps them.
     """
-    global _writer
-    if to_syslog:
-        # Connect now (LOG_NDELAY): once chrooted, /dev/log is out of reach.
-        syslog.openlog("proxyd", syslog.LOG_PID | syslog.LOG_NDELAY, syslog.LOG_DAEMON)
-        _writer = _SyslogWriter()
-    else:
-        _writer = _FdWriter(fd)
+    global _sink, _identity, _processors, _wrapper
+    if destination is not None:
+        _sink = destination
+    if identity is not None:
+        _identity = identity
+    _sink.wait = on_blocked == "wait"
+    _sink.report = _report_dropped
     render = _render_console if fmt == "console" else _serialize
-    processors: list[Any] = [structlog.processors.add_log_level]
-    if not to_syslog:  # syslog stamps its own time
-        processors.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
-    processors += [
+    _processors = [
+        structlog.processors.add_log_level,
+        _timestamp,
         structlog.processors.format_exc_info,
         lambda _logger, _name, event: _fit(event, render),
     ]
+    _wrapper = structlog.make_filtering_bound_logger(getattr(logging, level.upper()))
     structlog.configure(
-        processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=lambda *args: _writer,
+        processors=_processors,
+        wrapper_class=_wrapper,
+        logger_factory=lambda *args: _WRITER,
         cache_logger_on_first_use=False,
     )
 
 
-def uses_syslog() -> bool:
-    return isinstance(_writer, _SyslogWriter)
+def flush() -> bool:
+    """Try the lines held for the destination, never waiting (the master's tick, an
+    idle worker). True when nothing is held."""
+    return _sink.flush()
+
+
+def flush_until_readable(fd: int) -> None:
+    """An idle worker waiting for `fd` (its channel): lines held for the log are tried
+    again meanwhile, whenever the log may take them."""
+    _sink.flush_until_readable(fd)
+
+
+def pending() -> int:
+    """Lines held for the destination."""
+    return _sink.pending()
+
+
+def dropped() -> int:
+    """Lines this process dropped since it started."""
+    return _sink.dropped
+
+
+def count_in(fields: memoryview, dropped_index: int, pending_index: int) -> None:
+    """Keep this process's dropped and held line counts in `fields` (a worker's
+    journal, which the master reads for `proxyd status`)."""
+    _sink.count_in(fields, dropped_index, pending_index)
+
+
+def take_over(fd: int) -> None:
+    """Write to this reopened log file from now on (SIGUSR1, or a reload that set
+    log_file); held lines and counts go with it. Logging to a file already: the
+    file is swapped under the same descriptor number (dup2), so that workers forked
+    later inherit it. Closes `fd` or keeps it."""
+    global _sink
+    if _sink.regular and _sink.owned:
+        os.dup2(fd, _sink.fd)
+        os.close(fd)
+        _sink.replaced()
+        return
+    new = sink.for_file(fd)
+    new.adopt(_sink)
+    old, _sink = _sink, new
+    old.close(0)
+
+
+def close(timeout: float) -> None:
+    """At exit: try the held lines for up to `timeout` seconds."""
+    _sink.close(timeout)
 
 
 def current_fd() -> int:
-    """The descriptor lines are written to (2 for stderr, or the log file's)."""
-    return _writer.fd if isinstance(_writer, _FdWriter) else 2
+    """The descriptor lines are written to (a worker keeps it through its sandbox)."""
+    return _sink.fd
 
 
 def open_file(path: str) -> int:

@@ -261,6 +261,7 @@ class Master:
         return not self.workers or time.monotonic() >= self.stop_deadline
 
     def _housekeeping(self) -> None:
+        log.flush()  # lines the log did not take yet: tried again, never waited for
         now = time.monotonic()
         if self.fds_low:
             # Spare workers hold descriptors (channel, journal) the waiting connections
@@ -372,9 +373,7 @@ class Master:
             return str(e)
         old = self.config
         self.config = new
-        log.configure(
-            new.log_format, new.log_level, to_syslog=log.uses_syslog(), fd=log.current_fd()
-        )
+        log.configure(new.log_format, new.log_level, on_blocked=new.on_log_blocked)
         self.log = log.get(role="master")
         if new.log_file != old.log_file:
             self._reopen_log()
@@ -482,11 +481,7 @@ class Master:
         except OSError as e:
             self.log.error("cannot reopen log file", log_file=path, error=e.strerror)
             return
-        if log.uses_syslog() or log.current_fd() == 2:
-            log.configure(self.config.log_format, self.config.log_level, fd=fd)
-        else:
-            os.dup2(fd, log.current_fd())  # same number: workers forked later inherit it
-            os.close(fd)
+        log.take_over(fd)  # held lines go to the new file
         for w in self.workers.values():
             if w.channel is None:
                 continue
@@ -1117,6 +1112,9 @@ class Master:
         if w.conn is not None:
             w.conn.requests += w.journal.fields[slot.SEQ]  # what the dead worker had served
             self._recover(w, w.conn)
+        lost = w.journal.fields[slot.LOG_DROPPED] + w.journal.fields[slot.LOG_PENDING]
+        if lost:  # log lines it dropped, and those it still held: for `proxyd status`
+            self.counters["log_lines_dropped_by_exited_workers"] += lost
         w.journal.close()
         if pool.name in self.pools:
             before = set(pool.workers)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from proxyd import __version__, control, listener, slot
+from proxyd import __version__, control, listener, log, slot
 from proxyd.pool import BUSY, RETIRING, Worker
 
 if TYPE_CHECKING:
@@ -131,6 +131,8 @@ def status_document(master: Master) -> dict[str, Any]:
             "requests": w.requests + _live_requests(w),
             "started": w.started,
             "generation": w.generation,
+            "log_dropped": w.journal.fields[slot.LOG_DROPPED],
+            "log_pending": w.journal.fields[slot.LOG_PENDING],
         }
         for w in sorted(master.workers.values(), key=lambda w: (w.pool.name, w.index))
     ]
@@ -183,4 +185,21 @@ def status_document(master: Master) -> dict[str, Any]:
         "workers": workers,
         "connections": connections,
         "counters": dict(master.counters),
+        "log": _log_counts(master, workers),
+    }
+
+
+def _log_counts(master: Master, workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Log lines dropped because the log did not take them (proxyd/sink.py): the
+    master's own, the live workers' (from their journals), those of workers that have
+    exited (what they dropped and what they still held), and the total of all three."""
+    live = sum(w["log_dropped"] for w in workers)
+    exited = master.counters["log_lines_dropped_by_exited_workers"]
+    return {
+        "on_blocked": master.config.on_log_blocked,
+        "dropped": log.dropped() + live + exited,
+        "master_dropped": log.dropped(),
+        "master_pending": log.pending(),
+        "workers_dropped": live,
+        "exited_workers_dropped": exited,
     }

@@ -33,6 +33,11 @@ HAVE = 2  # bytes of the current request in the request buffer
 SEQ = 3  # requests started on this connection (the master's hang detector watches it)
 COMMAND = 4  # master -> worker: RETIRE at the next request boundary
 LOG_EPOCH = 5  # master -> worker: bumped when a reopened log file waits on the channel
+# worker -> master, for the worker's whole life (proxyd/sink.py): log lines it dropped, and
+# those it holds for a log that does not take them now (lost too if it dies).
+LOG_DROPPED = 6
+LOG_PENDING = 7
+_LIFELONG = (LOG_DROPPED, LOG_PENDING)  # kept when the slot is reset for a new connection
 FIELDS = 16
 
 NONE = 0
@@ -72,7 +77,8 @@ class Slot:
 
     def reset(self) -> None:
         for i in range(FIELDS):
-            self.fields[i] = 0
+            if i not in _LIFELONG:
+                self.fields[i] = 0
         self.request[:HEADER_SIZE] = _ZERO_HEADER
 
     def header(self) -> tuple[int, int]:

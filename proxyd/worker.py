@@ -14,7 +14,6 @@ import resource
 import signal
 import socket
 import struct
-import syslog
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -561,17 +560,15 @@ def _worker(
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     _quiet_signals()
     _title(export.name, index, "starting")
-    # Only our own descriptors go into the sandbox. libc's syslog socket is closed with
-    # the rest (closelog first, so that libc forgets it) and connected again below,
-    # before the chroot hides /dev/log.
-    if log.uses_syslog():
-        syslog.closelog()
-    # The journal's memfd stays too: a master that adopts this worker maps it again.
+    # Only our own descriptors go into the sandbox: the log's is the master's (stderr
+    # opened again non-blocking, the log file, or the socket connected to syslog). The
+    # journal's memfd stays too: a master that adopts this worker maps it again.
     privileges.keep_only_descriptors((0, 1, 2, control.fileno(), log.current_fd(), journal.fd))
-    # The master's destination (stderr, log file or syslog), set up again for this pid.
+    identity = {"role": "worker", "export": export.name, "worker": index}
     log.configure(
-        config.log_format, config.log_level, to_syslog=log.uses_syslog(), fd=log.current_fd()
+        config.log_format, config.log_level, on_blocked=config.on_log_blocked, identity=identity
     )
+    log.count_in(journal.fields, slot.LOG_DROPPED, slot.LOG_PENDING)  # for the master's status
     logger = log.get(role="worker", export=export.name, worker=index)
     try:
         privileges.enter_sandbox(export.path, config.seccomp, export.identity)
@@ -650,6 +647,8 @@ def _take_messages(control: socket.socket, block: bool) -> tuple[int, dict[str, 
     connection to serve is returned (id, peer, descriptor). None when the master
     closed the channel or is gone, or (not blocking) when nothing is left to read."""
     while True:
+        if block:  # idle: lines held for the log go out meanwhile (proxyd/sink.py)
+            log.flush_until_readable(control.fileno())
         try:
             message, fd = channel.receive(
                 control, channel.FROM_MASTER, 0 if block else socket.MSG_DONTWAIT
@@ -660,9 +659,7 @@ def _take_messages(control: socket.socket, block: bool) -> tuple[int, dict[str, 
             return None
         assert fd is not None  # the schema requires one for both ops
         if message["op"] == "log":
-            # Keep writing to the same descriptor number: dup2 swaps the file under it.
-            os.dup2(fd, log.current_fd())
-            os.close(fd)
+            log.take_over(fd)  # the same descriptor number, if already logging to a file
             continue
         peer = {k: message[k] for k in ("peer_pid", "peer_uid", "peer_gid")}
         return message["conn"], peer, fd
