@@ -21,8 +21,15 @@ import re
 import socket
 import stat
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from proxyd import admission
 from proxyd.config import ExportConfig
+from proxyd.pool import BUSY, Connection, Worker
+from proxyd.slot import Slot
+
+if TYPE_CHECKING:
+    from proxyd.master import Master
 
 SYS_PIDFD_OPEN, SYS_PIDFD_GETFD = 434, 438  # x86-64 and every other architecture since 5.3
 TITLE = re.compile(rb"^proxyd: worker (?P<export>[\w.-]+)#(?P<index>\d+) conn=\d+")
@@ -125,3 +132,37 @@ def _is_stream(fd: int) -> bool:
         return sock.type == socket.SOCK_STREAM
     finally:
         sock.detach()
+
+
+def adopt_orphans(master: Master) -> None:
+    """Take back the connections a master that died left with its workers (they go on
+    serving without one): watched, recovered and audited again, each moves to a worker
+    of `master`'s once one is ready to take it (Pool.adopted_to_release)."""
+    exports = {p.name: p.config for p in master.pools.values()}
+    for pid, name, index in candidates(exports):
+        try:
+            orphan = take(pid, name, index)
+        except OSError as e:
+            master.log.warning("orphan not adopted", export=name, worker_pid=pid, error=str(e))
+            continue
+        pool = master.pools[name]
+        sock = socket.socket(fileno=orphan.conn_fd)
+        peer_pid, uid, gid = admission.peer(sock)
+        conn = Connection(master.next_conn, sock, name, peer_pid, uid, gid)
+        master.next_conn += 1
+        master.connections[conn.id] = conn
+        # Generation -1: older than any of the pool's; not our child: watched by pidfd.
+        w = Worker(pid, pool, index, -1, None, Slot(fd=orphan.journal_fd), state=BUSY, conn=conn)
+        w.pidfd = orphan.pidfd
+        master.adopt_worker(w)
+        pool.next_index = max(pool.next_index, index + 1)
+        master.counters["connections_adopted"] += 1
+        master.log.warning(
+            "connection adopted",
+            export=name,
+            conn=conn.id,
+            worker_pid=pid,
+            peer_pid=peer_pid,
+            peer_uid=uid,
+            peer_gid=gid,
+        )

@@ -40,9 +40,9 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from proxyd import __version__, listener, log, mounts
+from proxyd import __version__, listener, log
 from proxyd.config import ExportConfig
-from proxyd.pool import Connection, Pool, Worker
+from proxyd.pool import Connection, Worker
 from proxyd.slot import Slot
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def _take_listener(doc: dict[str, Any] | None) -> listener.Listener | None:
 
 def state(master: Master, reply_to: socket.socket | None) -> dict[str, Any]:
     """The running master's state as a version-1 document (see above)."""
-    undecided = {conn_id: op for conn_id, (_, op, _) in master.undecided.items()}
+    undecided = {conn_id: op for conn_id, (_, op, _) in master.recovery.undecided.items()}
     logs_to_file = master.config.log_file is not None
     return {
         "version": VERSION,
@@ -226,13 +226,12 @@ def restore(master: Master, document: dict[str, Any]) -> None:
     for p in document["pools"]:
         # An export the configuration no longer has is removed as a reload removes it.
         export = exports.get(p["name"]) or ExportConfig(p["name"], "/", None)
-        pool = Pool(config=export, min_idle=p["min_idle"], generation=p["generation"])
+        pool = master.new_pool(export, min_idle=p["min_idle"])
+        pool.generation = p["generation"]
         pool.listener = _take_listener(p["listener"])
         pool.next_index = p["next_index"]
         pool.pending.extend(connections[i] for i in p["pending"])
         pool.unavailable, pool.unavailable_since = p["unavailable"], p["unavailable_since"]
-        pool.host_mounts = mounts.below(master.mount_table(), os.path.realpath(export.path))
-        master.pools[pool.name] = pool
         if pool.name not in exports:
             removed.append(pool)
     for wd in document["workers"]:
@@ -258,12 +257,20 @@ def restore(master: Master, document: dict[str, Any]) -> None:
         master.adopt_worker(w)
     for c in document["connections"]:
         if c["undecided"]:  # its worker died sending a reply: wait for a next request
-            master.await_next_request(connections[c["id"]], c["op"])
+            master.recovery.await_next_request(connections[c["id"]], c["op"])
     if document["control"] is not None and master.control is None:
         master.start_control(_take_listener(document["control"]))
     for pool in removed:
         master.remove_pool(pool)
     master.apply_configuration(master.config, previous=None)
+    master.log.info(
+        "upgrade done",
+        version=__version__,
+        from_version=document["program_version"],
+        upgrades=master.upgrades,
+        workers=len(master.workers),
+        connections=len(master.connections),
+    )
     if document["reply_to"] is not None:
         answer = {"ok": True, "version": __version__, "from": document["program_version"]}
         client = socket.socket(fileno=document["reply_to"])

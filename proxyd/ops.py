@@ -349,7 +349,9 @@ def has_generations(path: bytes = b"/") -> bool:
 
 
 # Access modes and flags that let an OPEN write or change the file.
-_WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_TMPFILE
+# O_TMPFILE is tested by its own bit: the flag includes O_DIRECTORY, which alone (a
+# directory opened to be listed) changes nothing.
+_WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | _O_TMPFILE_BIT
 
 
 def _read_only(path: bytes) -> OSError:

@@ -10,9 +10,12 @@ just finished a connection serves the next one instead of being replaced by a fo
 from __future__ import annotations
 
 import collections
+import os
 import socket
+import stat
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from proxyd import listener, mounts
 from proxyd.config import ExportConfig
@@ -157,6 +160,24 @@ class Pool:
         )
         return [w for w in idle[: max(excess, 0)] if at_once or now - w.idle_since >= IDLE_TRIM]
 
+    def is_newly_exhausted(self) -> bool:
+        """Whether the pool just became exhausted (for one warning per episode); an
+        episode ends when no connection waits any more."""
+        if self.is_exhausted():
+            newly, self.exhausted = not self.exhausted, True
+            return newly
+        if not self.pending:
+            self.exhausted = False
+        return False
+
+    def adopted_to_release(self) -> list[Worker]:
+        """Adopted workers (proxyd/adopt.py) to ask to leave now: one per idle worker
+        of ours not already promised to another one leaving."""
+        adopted = [w for w in self.workers.values() if w.pidfd is not None and w.conn]
+        idle = sum(1 for w in self.workers.values() if w.state == IDLE)
+        free = idle - sum(1 for w in adopted if w.state == RETIRING)
+        return [w for w in adopted if w.state == BUSY][: max(free, 0)]
+
     def start_failed(self, now: float) -> float:
         """Count a start that never got ready; returns the back-off (seconds) before
         the next one: BACKOFF_FIRST doubling up to BACKOFF_MAX."""
@@ -164,6 +185,18 @@ class Pool:
         delay = min(BACKOFF_FIRST * 2 ** (self.start_failures - 1), BACKOFF_MAX)
         self.next_start = now + delay
         return delay
+
+    def mounts_changed(self, table: list[mounts.Mount]) -> tuple[list[str], list[str]] | None:
+        """The mount points (mounted, unmounted) at or below the export that differ in
+        the host's mount `table` from those its workers were forked with, or None when
+        nothing there changed (a remount changes a mount, both lists empty). Takes the
+        new table as the pool's."""
+        now = mounts.below(table, os.path.realpath(self.config.path))
+        if now == self.host_mounts:
+            return None
+        before, after = {m[1] for m in self.host_mounts}, {m[1] for m in now}
+        self.host_mounts = now
+        return sorted(map(os.fsdecode, after - before)), sorted(map(os.fsdecode, before - after))
 
     def update_backlogged(self) -> bool:
         """Whether to leave new connections in the listen backlog: from PENDING_LIMIT
@@ -173,3 +206,30 @@ class Pool:
         elif len(self.pending) < PENDING_LIMIT // 2:
             self.backlogged = False
         return self.backlogged
+
+
+def export_problem(export: ExportConfig) -> str | None:
+    """Why the export's directory cannot be served now (missing, not a directory, or
+    replaced by another one since the configuration was read), or None. Looks at the
+    directory itself (stat), never into it: the worker's sandbox checks it again
+    through a descriptor."""
+    try:
+        st = os.stat(export.path)
+    except OSError as e:
+        return f"directory: {e.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a directory any more"
+    if export.identity != (0, 0) and (st.st_dev, st.st_ino) != export.identity:
+        return "replaced by another directory (device and inode changed)"
+    return None
+
+
+def unavailable_reason(how: dict[str, Any]) -> str:
+    """Why an export whose workers keep failing to start cannot be served, from the
+    last failure: the master's look at the directory (`reason`), or how the worker
+    ended (`signal`, `exit_code`)."""
+    if "reason" in how:
+        return str(how["reason"])
+    if "signal" in how:
+        return f"its workers die at start ({how['signal']})"
+    return f"its workers cannot enter the sandbox (exit code {how.get('exit_code')})"

@@ -8,18 +8,24 @@ table is this module.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import fcntl
 import hashlib
 import os
+import selectors
+import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from proxyd import protocol as p
 from proxyd import slot
-from proxyd.pool import Connection
+from proxyd.pool import Connection, Worker
 from proxyd.slot import Slot
 
 POISON_DEATHS = 3  # deaths while executing the same request that close its connection
@@ -30,7 +36,8 @@ SIOCINQ = 0x541B  # bytes waiting to be read (ioctl(2) on a socket, linux/sockio
 SIOCOUTQ = 0x5411  # bytes sent and not yet read by the peer
 
 # OPEN flags that make it change the export; without them an OPEN changes nothing.
-_OPEN_CHANGES = os.O_CREAT | os.O_TRUNC | os.O_TMPFILE
+# (O_TMPFILE by its own bit: the flag includes O_DIRECTORY, which alone changes nothing.)
+_OPEN_CHANGES = os.O_CREAT | os.O_TRUNC | (os.O_TMPFILE & ~os.O_DIRECTORY)
 
 # Actions.
 HAND_ON = "hand on"  # a fresh worker takes the connection (with `prefix` in its buffer)
@@ -171,3 +178,159 @@ def count_death(conn: Connection, request: tuple[int, str], now: float | None = 
         conn.poison_suspect, conn.deaths = request, []
     conn.deaths = [t for t in conn.deaths if now - t < POISON_WINDOW] + [now]
     return len(conn.deaths) >= POISON_DEATHS
+
+
+# --- acting on it ---------------------------------------------------------------------------
+
+ABORT_GRACE = 2.0  # seconds between SIGABRT and SIGKILL for a hung worker
+
+
+class Recovery:
+    """What the master does for a connection whose worker died or stopped moving.
+
+    `hand_on(conn)` gives a connection back to its pool (a fresh worker takes it, or it
+    is closed when its export is gone); `close(conn, reason)` closes one. `undecided`
+    holds the connections whose worker died sending a reply, while the master waits to
+    see whether the guest read it (handed over in an upgrade)."""
+
+    def __init__(
+        self,
+        selector: selectors.BaseSelector,
+        log: Any,
+        counters: collections.Counter[str],
+        hand_on: Callable[[Connection], None],
+        close: Callable[[Connection, str], None],
+    ) -> None:
+        self.log = log
+        self._selector = selector
+        self._counters = counters
+        self._hand_on = hand_on
+        self._close = close
+        self.undecided: dict[int, tuple[Connection, str | None, float]] = {}
+
+    def worker_died(self, w: Worker, conn: Connection) -> None:
+        """Act on the verdict for `conn`, whose worker `w` died: hand it to a fresh
+        worker (running a request that changes nothing again, or after an EIO where
+        the request may have changed the export), or close it where that is the only
+        safe answer. `conn.requests` already counts the requests `w` started."""
+        # A request the master killed for running too long is not run again.
+        verdict = judge(w.journal, conn.sock, retry=w.killed_for != HUNG)
+        # conn.requests counts the one in flight: with the digest, it names that request.
+        if verdict.executed is not None and self._poisoned(conn, (conn.requests, verdict.executed)):
+            return
+        if verdict.again:
+            conn.requests -= 1  # counted again when it runs again
+        conn.prefix = verdict.prefix
+        if verdict.action == HAND_ON:
+            self._recovered(conn, verdict.op, verdict.outcome)
+        elif verdict.action == ANSWER_EIO:
+            if self._answer_eio(conn, verdict.code):
+                self._recovered(conn, verdict.op, verdict.outcome)
+            else:
+                self._uncertain(conn, verdict.op, "could not send the EIO reply")
+        elif verdict.action == AWAIT_NEXT:
+            self.await_next_request(conn, verdict.op)
+        else:
+            self._uncertain(conn, verdict.op, verdict.outcome)
+
+    def await_next_request(self, conn: Connection, op: str | None) -> None:
+        """The worker died sending a reply that is no longer queued: either it never
+        left, or the guest read it already. A guest that read it soon sends its next
+        request; one still waiting never will. Wait REPLY_VERDICT_WAIT for the
+        difference (expire() closes the connection after it)."""
+        self.undecided[conn.id] = (conn, op, time.monotonic() + REPLY_VERDICT_WAIT)
+        self._selector.register(
+            conn.sock, selectors.EVENT_READ, lambda sock, conn=conn: self._reply_was_read(conn)
+        )
+
+    def expire(self, now: float, stopping: bool) -> None:
+        """Close the undecided connections whose guest sent nothing in time (all of
+        them when the daemon is stopping)."""
+        for conn_id, (conn, op, deadline) in list(self.undecided.items()):
+            if now >= deadline or stopping:
+                del self.undecided[conn_id]
+                self._selector.unregister(conn.sock)
+                self._uncertain(conn, op, "died sending a reply; the guest sent nothing since")
+
+    def watch(self, w: Worker, now: float, timeout: float) -> None:
+        """The watchdog, for a worker serving a connection. A request executing longer
+        than `timeout` (seconds): SIGABRT (then SIGKILL after ABORT_GRACE); the guest gets
+        EIO. Request bytes waiting that the worker has not taken for `timeout` (stopped,
+        or stuck before its recv): SIGKILL; the request never started, so the connection
+        simply goes on with a fresh worker. A reply being sent gets twice the time: a
+        peer that does not read is the worker's own SO_SNDTIMEO to handle."""
+        assert w.conn is not None
+        kind = stuck(w.journal, w.conn.sock)
+        mark = progress_mark(w.journal) if kind is not None else None
+        if mark is None or mark != w.watch_mark:
+            w.watch_mark, w.watch_since = mark, now
+            return
+        if now - w.watch_since < timeout * (2 if mark[0] == slot.REPLY_READY else 1):
+            return
+        if w.killed_for is None:
+            w.killed_for, w.killed_at = kind, now
+            fields = {"export": w.pool.name, "worker_pid": w.pid, "conn": w.conn.id}
+            if kind == UNRESPONSIVE:
+                self._counters["unresponsive_killed"] += 1
+                self.log.warning("worker unresponsive", timeout_s=timeout, **fields)
+                _kill(w.pid, signal.SIGKILL)
+            else:
+                self._counters["hung_killed"] += 1
+                code, _ = w.journal.header()
+                op = op_name(code) or code
+                self.log.warning(
+                    "request timed out, killing worker", op=op, timeout_s=timeout, **fields
+                )
+                _kill(w.pid, signal.SIGABRT)
+        elif now - w.killed_at > ABORT_GRACE:  # a stopped process ignores SIGABRT
+            _kill(w.pid, signal.SIGKILL)
+
+    def _poisoned(self, conn: Connection, request: tuple[int, str]) -> bool:
+        """The same request has killed POISON_DEATHS workers: close its connection."""
+        if not count_death(conn, request):
+            return False
+        self._counters["poison_closed"] += 1
+        self.log.warning(
+            "poison connection closed",
+            export=conn.export,
+            conn=conn.id,
+            deaths=len(conn.deaths),
+            window_s=POISON_WINDOW,
+        )
+        self._close(conn, "poison")
+        return True
+
+    def _recovered(self, conn: Connection, op: str | None, outcome: str) -> None:
+        self._counters["recoveries"] += 1
+        self.log.warning("crash recovery", export=conn.export, conn=conn.id, op=op, outcome=outcome)
+        self._hand_on(conn)
+
+    def _reply_was_read(self, conn: Connection) -> None:
+        _, op, _ = self.undecided.pop(conn.id)
+        self._selector.unregister(conn.sock)
+        self._recovered(conn, op, "reply had been sent")  # a next request, or EOF: both fine
+
+    def _uncertain(self, conn: Connection, op: str | None, detail: str) -> None:
+        self._counters["uncertain_closed"] += 1
+        self.log.warning(
+            "connection closed after a crash: reply state unknown",
+            export=conn.export,
+            conn=conn.id,
+            op=op,
+            detail=detail,
+        )
+        self._close(conn, "crash, reply state unknown")
+
+    def _answer_eio(self, conn: Connection, code: int) -> bool:
+        reply = eio_reply(code)
+        if reply is None:
+            return False
+        try:
+            return conn.sock.send(reply, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL) == len(reply)
+        except OSError:
+            return False
+
+
+def _kill(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)

@@ -31,7 +31,10 @@ def write_config(path: Path, daemon: dict[str, Any], exports: list[dict[str, Any
     lines = ["[daemon]"] + [f"{k} = {toml_value(v)}" for k, v in daemon.items()]
     for export in exports:
         lines += ["", "[[export]]"] + [f"{k} = {toml_value(v)}" for k, v in export.items()]
-    path.write_text("\n".join(lines) + "\n")
+    # Atomically, as an editor saves: a daemon reloading meanwhile reads one whole file.
+    temporary = path.with_name(path.name + ".new")
+    temporary.write_text("\n".join(lines) + "\n")
+    temporary.rename(path)
     return path
 
 

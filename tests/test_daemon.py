@@ -154,8 +154,14 @@ def test_read_only_export(tmp_path: Path) -> None:
         ok(reply)
         assert os.read(reply.fd, 100) == b"content"
         os.close(reply.fd)
+        # A directory opened to be listed (as a guest's readdir does) is no change.
+        reply = c.open("/", os.O_RDONLY | os.O_DIRECTORY)
+        ok(reply)
+        assert "f" in os.listdir(reply.fd)
+        os.close(reply.fd)
         for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_RDONLY | os.O_APPEND):
             assert errno_of(c.open("/f", flags)) == errno.EROFS
+        assert errno_of(c.open("/", os.O_RDWR | os.O_TMPFILE)) == errno.EROFS
         refusals = [
             c.create("/new", os.O_CREAT | os.O_WRONLY, 0o644, 0, 0),
             c.mkdir(0, 0, "/d", 0o755),

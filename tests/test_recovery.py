@@ -91,6 +91,7 @@ def test_executing_a_request_that_changes_nothing_runs_it_again(journal, pair) -
         lstat_request(),
         request(OPEN, "sd", "/f", os.O_RDONLY),
         request(OPEN, "sd", "/f", os.O_WRONLY | os.O_APPEND),  # opening changes nothing
+        request(OPEN, "sd", "/d", os.O_RDONLY | os.O_DIRECTORY),  # a directory to list
     ):
         put(journal, slot.EXECUTING, read_only)
         verdict = recovery.judge(journal, server)
@@ -107,6 +108,7 @@ def test_executing_a_request_that_may_change_the_export_is_answered_eio(journal,
         request(MKDIR, "ddsd", 0, 0, "/d", 0o755),
         request(OPEN, "sd", "/f", os.O_WRONLY | os.O_TRUNC),
         request(OPEN, "sd", "/f", os.O_RDWR | os.O_CREAT),
+        request(OPEN, "sd", "/", os.O_RDWR | os.O_TMPFILE),
         HEADER.pack(OPEN, 1) + b"x",  # malformed: what it would do is unknown
     ):
         put(journal, slot.EXECUTING, mutation)
