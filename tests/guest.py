@@ -130,12 +130,13 @@ def _shared_objects(binary: str) -> list[str]:
 
 @functools.cache
 def program_archive(programs: tuple[str, ...]) -> bytes:
-    """An (uncompressed) newc cpio archive carrying each program of `programs` (a name looked
-    up on the host's PATH, or an absolute path) into the guest: the binary at its host path
-    with a link to it in /bin, its shared libraries and loader (``ldd``), and its
-    ``PROGRAM_DATA``. Uncompressed, because gunzip under TCG costs seconds per boot and the
-    archive is read from the host's memory anyway. Raises GuestError naming a program that
-    is not installed."""
+    """A gzip'd newc cpio archive carrying each program of `programs` (a name looked up on
+    the host's PATH, or an absolute path) into the guest: the binary at its host path with
+    a link to it in /bin, its shared libraries and loader (``ldd``), and its
+    ``PROGRAM_DATA``. Compressed (level 1: 0.6 s for stress-ng, dbench and fs_mark, 60 MB
+    to 14 MB), because a large -initrd is slow to load under TCG: measured, the guest
+    mounted after 8.7-10 s with the archive uncompressed, 3.9-5.2 s with it compressed.
+    Raises GuestError naming a program that is not installed."""
     carried: list[str] = []  # host paths, carried to the same path in the guest
     links: dict[str, str] = {}  # /bin/NAME -> the program
     for name in programs:
@@ -158,7 +159,7 @@ def program_archive(programs: tuple[str, ...]) -> bytes:
         files[path.lstrip("/")] = (stat.S_IFREG | mode, host.read_bytes())
     for link, target in links.items():
         files[link.lstrip("/")] = (stat.S_IFLNK | 0o777, target.encode())
-    return _cpio_newc(files)
+    return gzip.compress(_cpio_newc(files), compresslevel=1, mtime=0)
 
 
 def _qemu_opt(value: str) -> str:
@@ -212,10 +213,7 @@ class Guest:
         self._initrd = tempfile.NamedTemporaryFile(  # noqa: SIM115
             prefix="guest-initrd-", suffix=".cpio.gz"
         )
-        base = images.initramfs.read_bytes()
-        # An uncompressed archive is only recognised at a 4-byte aligned offset; the kernel
-        # skips the zeros before it.
-        self._initrd.write(base + b"\0" * (-len(base) % 4) + carried + extra)
+        self._initrd.write(images.initramfs.read_bytes() + carried + extra)
         self._initrd.flush()
         cmd = [
             QEMU,
