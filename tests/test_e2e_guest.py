@@ -4,12 +4,14 @@ Each test boots the guest of tests/guest.py, runs tests/e2e_workload.sh on the s
 checks the export on the host. test_guest_workload runs against the reference
 virtfs-proxy-helper and against proxyd, each reached by a named socket (-s) and by an inherited
 socketpair (-f). The daemon tests run proxyd as the long-running daemon: its workers are killed
-under a running guest, and one daemon serves two guests booted side by side.
+under a running guest (waiting for a request, and executing one), and one daemon serves two
+guests booted side by side.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -29,8 +31,16 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import Daemon, children, title, wait_until
-from tests.guest import ROOT, Guest, GuestResult, ensure_guest_built, run_guest
+from tests.daemon import (
+    SYS_OPENAT,
+    SYS_RECVFROM,
+    Daemon,
+    children,
+    title,
+    wait_in_syscall,
+    wait_until,
+)
+from tests.guest import ROOT, Guest, GuestResult, ensure_guest_built, run_command, run_guest
 
 REFERENCE = "/usr/lib/qemu/virtfs-proxy-helper"
 WORKLOAD = Path(__file__).with_name("e2e_workload.sh")
@@ -186,6 +196,31 @@ def test_guest_workload(server: Server) -> None:
     check_host_tree(server.export, result)
 
 
+def test_run_command_carries_programs(tmp_path: Path, guest_images: None) -> None:
+    """tests/guest.py's run_command with Debian programs carried into the guest (what
+    scripts/bench runs): dbench on its client.txt load with 2 clients, then fs_mark, on a
+    share served by proxyd; both run to their end and report a throughput."""
+    with Daemon(tmp_path, [{"name": "vm"}]) as daemon:
+        try:
+            run = run_command(
+                "dbench -c /usr/share/dbench/client.txt -t 3 2 && "
+                "fs_mark -d /mnt/fsm -n 50 -s 4096 -t 1 -L 1",
+                socket_path=daemon.exports["vm"]["socket"],
+                programs=["dbench", "fs_mark"],
+            )
+        finally:
+            show_log(daemon)
+    print(f"--- command output ({run.duration:.1f} s) ---\n{run.output}")
+    assert run.status == 0
+    assert 0 < run.duration < run.guest.duration
+    dbench = re.search(r"^Throughput ([0-9.]+) MB/sec\s+2 clients", run.output, re.MULTILINE)
+    assert dbench and float(dbench.group(1)) > 0, "dbench reported no throughput"
+    # fs_mark's result row: FSUse% Count Size Files/sec App-Overhead.
+    fs_mark = re.search(r"^\s*\d+\s+50\s+4096\s+([0-9.]+)\s+\d+\s*$", run.output, re.MULTILINE)
+    assert fs_mark and float(fs_mark.group(1)) > 0, "fs_mark reported no files/s"
+    assert "GUEST-RUN" not in run.output  # the markers are not part of the output
+
+
 # --- proxyd as a long-running daemon --------------------------------------------------------
 
 
@@ -282,22 +317,23 @@ def accepted_from(
 PAUSE = 1.0  # seconds the guest sleeps, touching nothing on the share, at each pause point
 
 
-def test_guest_survives_worker_kills(tmp_path: Path, guest_images: None) -> None:
-    """SIGKILL the worker serving a running guest, twice: the guest keeps its mount and its
-    open files, the workload passes, and the daemon's log tells what happened.
+def test_guest_unaware_of_idle_worker_kills(tmp_path: Path, guest_images: None) -> None:
+    """SIGKILL the worker serving a running guest twice, each time while it waits for the
+    guest's next request: the guest keeps its mount and its open files, the workload
+    passes, and the daemon's log tells what happened.
 
-    Why the kills land at pause points: a kill at a random moment sometimes hits a request
-    being executed, and the guest rightly gets EIO for that one step, which fails the workload
-    (measured: the serving worker is on the CPU ~5% of the workload's time, ~3600 requests in
-    5-7 s, and 1 kill in ~50 at random times after the mount answered EIO and failed the run).
-    So the workload announces "GUEST-PAUSE kill-N" on its console and then sleeps without
-    touching the share; the kill follows the line within milliseconds, and the test checks that
-    it came before "GUEST-RESUME kill-N". The master must then find nothing in flight, hand the
-    connection to a fresh worker, and the guest must not notice. Pause 1 comes right after the
-    8 MiB write (~2 s after the mount), pause 2 after the 100-file loop (~4 s); a descriptor
-    opened before pause 1 is read after pause 2.
+    What this proves, and what it does not: the deaths of an idle worker (between
+    requests) are invisible, the connection moving to a fresh worker with the descriptors
+    QEMU holds still valid. A death while a request executes is
+    test_guest_unaware_of_a_kill_during_a_read (one read-only request, held in the worker
+    by a host lease) and tests/test_guest_soak.py (minutes of stress-ng, kills aimed at
+    requests executing). Here the workload announces "GUEST-PAUSE kill-N" on its console
+    and then sleeps without touching the share; the worker is killed once
+    /proc/PID/syscall shows it asleep in recvfrom, and the test checks that this came
+    before "GUEST-RESUME kill-N". Pause 1 comes right after the 8 MiB write (~2 s after the
+    mount), pause 2 after the 100-file loop (~4 s); a descriptor opened before pause 1 is
+    read after pause 2.
     """
-    # Killing exactly twice: a third death within 60 s closes the connection (poison rule).
     with Daemon(tmp_path, [{"name": "vm"}]) as daemon:
         try:
             with Guest(workload(pause=PAUSE), socket_path=daemon.exports["vm"]["socket"]) as guest:
@@ -307,6 +343,7 @@ def test_guest_survives_worker_kills(tmp_path: Path, guest_images: None) -> None
                     for n in (1, 2):
                         guest.wait_for_line(rf"GUEST-PAUSE kill-{n}$", timeout=120)
                         pid = daemon.serving_worker(conn)
+                        wait_in_syscall(pid, SYS_RECVFROM)  # idle: waiting for a request
                         os.kill(pid, signal.SIGKILL)
                         kills.append((pid, time.monotonic()))
                         daemon.wait_event("crash recovery", count=n, timeout=30, conn=conn)
@@ -348,6 +385,78 @@ def test_guest_survives_worker_kills(tmp_path: Path, guest_images: None) -> None
         closed = daemon.events("connection closed", role="master", conn=conn)
         assert closed[0]["reason"] == "eof", closed  # the guest unmounted and powered off
         assert daemon.proc.poll() is None, "the daemon exited"
+
+
+LEASED = b"leased content\n"
+READ_LEASED = """
+echo GUEST-OPENING
+if got=$(cat leased 2>&1); then echo "GUEST-READ $got"; else echo "GUEST-READ-FAILED $got"; fi
+"""
+
+
+def test_guest_unaware_of_a_kill_during_a_read(tmp_path: Path, guest_images: None) -> None:
+    """SIGKILL the worker while it executes a read-only request of the guest's `cat` of a
+    file: the guest reads the file and never sees an error (README, "When a worker dies":
+    a request that changes nothing is executed again).
+
+    To hold the request inside the worker, a host process (this one) holds a write
+    lease on the file: open(2) for reading breaks it and waits for the holder to let go
+    (fcntl(2), F_SETLEASE), so the worker sits in openat until the test releases it. The
+    first request that opens the file is GETVERSION (measured: QEMU asks for the file's
+    generation when the guest looks the file up, and the worker opens the file for the
+    FS_IOC_GETVERSION ioctl), else the guest's OPEN; both change nothing. The
+    test waits for that state itself (the lease breaking, the worker in openat), kills the
+    worker, waits for the fresh worker to sit in the same openat (the request executed
+    again), and only then releases the lease. The kernel ends a break by itself after
+    /proc/sys/fs/lease-break-time (45 s), far more than these steps take.
+    """
+    # A request may wait for the lease longer than the default 30 s under load: the
+    # lease, not the daemon's timeout, is what this test is about.
+    with Daemon(tmp_path, [{"name": "vm"}], request_timeout=120.0) as daemon:
+        leased = Path(daemon.exports["vm"]["path"]) / "leased"
+        leased.write_bytes(LEASED)
+        old = signal.signal(signal.SIGIO, signal.SIG_IGN)  # the lease-break notice
+        fd = os.open(leased, os.O_RDONLY)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+            with Guest(READ_LEASED, socket_path=daemon.exports["vm"]["socket"]) as guest:
+                try:
+                    conn = accepted_from(daemon, guest)["conn"]
+                    # Breaking: F_GETLEASE gives the type the lease is being broken to.
+                    wait_until(
+                        lambda: fcntl.fcntl(fd, fcntl.F_GETLEASE) != fcntl.F_WRLCK,
+                        120,
+                        "the guest's open breaking the lease",
+                    )
+                    victim = daemon.serving_worker(conn)
+                    wait_in_syscall(victim, SYS_OPENAT)
+                    os.kill(victim, signal.SIGKILL)
+                    daemon.wait_event("crash recovery", timeout=30, conn=conn)
+                    fresh = daemon.serving_worker(conn)
+                    wait_in_syscall(fresh, SYS_OPENAT, timeout=30)  # waits for the lease too
+                    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+                    result = guest.wait()
+                finally:
+                    show_guest("guest", guest)
+            daemon.wait_event("connection closed", timeout=10, role="master", conn=conn)
+        finally:
+            os.close(fd)  # the lease goes with it, if still held
+            signal.signal(signal.SIGIO, old)
+            show_log(daemon)
+
+    assert victim != fresh
+    assert "GUEST-READ leased content" in result.output, result.output
+    assert "GUEST-READ-FAILED" not in result.output
+    assert result.exit_status == 0 and result.qemu_returncode == 0
+    died = [(e["worker_pid"], e["conn"], e["signal"]) for e in daemon.events("worker died")]
+    assert died == [(victim, conn, "SIGKILL")]
+    recovered = [(e["op"], e["outcome"]) for e in daemon.events("crash recovery", conn=conn)]
+    print(f"killed in openat, then: {recovered}")
+    assert len(recovered) == 1 and recovered[0][0] in ("getversion", "open"), recovered
+    assert recovered[0][1] == "request executed again"
+    closed = daemon.events("connection closed", role="master", conn=conn)
+    assert closed[0]["reason"] == "eof", closed
+    assert leased.read_bytes() == LEASED
 
 
 @pytest.mark.parametrize("layout", ["one-socket", "two-exports"])
