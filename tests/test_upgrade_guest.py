@@ -427,3 +427,88 @@ def test_guest_keeps_its_share_when_the_master_dies(tmp_path: Path, guest_images
 def to_unix(timestamp: str) -> float:
     """A log line's `timestamp` (UTC, ISO 8601 with a Z) as Unix time."""
     return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+
+
+# --- 3. what a dead master's worker serves is audited --------------------------------------------
+
+
+def mutate(client: ProxyClient, name: str) -> None:
+    """CREATE /NAME, RENAME it to /NAME.2, REMOVE that: three audited requests."""
+    reply = client.create(f"/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, 0, 0)
+    assert reply.ok, reply
+    os.close(reply.fd)
+    assert client.rename(f"/{name}", f"/{name}.2").ok
+    assert client.remove(f"/{name}.2").ok
+
+
+def test_what_an_orphan_serves_is_audited(tmp_path: Path) -> None:
+    """The master is SIGKILLed and no master can start for a while (the program
+    installed has a syntax error; supervisord retries): the worker serving a client goes
+    on serving it. The requests it serves meanwhile must reach the audit trail like any
+    other, and its `master gone` line reach the log. (Under the shipped supervisord
+    configuration a worker's log is its stderr, the pipe to supervisord, which
+    supervisord closes when it reaps the master: what the orphan writes then is lost.)"""
+    installed = Installed(tmp_path / "installed")
+    installed.build("good")
+    installed.build("broken", {"cli.py": ("def main(", "def main(:")})
+    installed.install("good")
+    sup = Supervisor(tmp_path / "sup", proxyd=installed.script)
+    try:
+        master = sup.wait_running()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(sup.socket))
+        client = ProxyClient(sock)
+        mutate(client, "before")
+        orphan = wait_until(
+            lambda: next((p for p in children(master) if f" peer={os.getpid()}" in title(p)), 0),
+            10,
+            "the client's worker",
+        )
+        installed.install("broken")
+        os.kill(master, signal.SIGKILL)
+        # supervisord reaped the master (and closed its pipes) and tried a new one.
+        wait_until(
+            lambda: "exit status 1; not expected" in sup.supervisord_log.read_text(),
+            60,
+            "a failed start of the broken program",
+        )
+        mutate(client, "orphaned")  # no master runs: the orphan serves it
+        assert alive(orphan) and not sup.events("connection adopted")
+
+        installed.install("good")
+
+        def running_again() -> bool:
+            state = sup.state()
+            if state == "FATAL":  # supervisord gave up on the broken program
+                sup.ctl("start", "proxyd", check=False)
+            return state == "RUNNING"
+
+        wait_until(running_again, 60, "proxyd running again")
+        new = sup.wait_running(not_pid=master)
+        adopted = wait_until(lambda: sup.events("connection adopted"), 30, "adopted")
+        assert (adopted[0]["worker_pid"], adopted[0]["pid"]) == (orphan, new)
+        mutate(client, "adopted")  # by the orphan, or by a new worker if it handed on
+        wait_until(lambda: not alive(orphan), 30, "the orphan handing on")
+        mutate(client, "after")
+        client.close()
+        wait_until(lambda: sup.events("connection closed"), 30, "connection closed")
+
+        audited = {(r["op"], r["path"]) for r in records(sup) if r.get("event") == "op"}
+        missing = [
+            (op, path)
+            for name in ("before", "orphaned", "adopted", "after")
+            for op, path in [
+                ("create", f"/{name}"),
+                ("rename", f"/{name}"),
+                ("remove", f"/{name}.2"),
+            ]
+            if (op, path) not in audited
+        ]
+        # The orphan, handing on, finds its master gone and says so (docs/events.md).
+        if not [r for r in sup.events("master gone") if r["pid"] == orphan]:
+            missing.append(("master gone", f"worker {orphan}"))
+        log = status(sup)["log"]
+        assert missing == [], f"not in the log: {missing}; proxyd status: {log}"
+    finally:
+        print(f"--- logs ---\n{sup.logs()}")
+        sup.close()
