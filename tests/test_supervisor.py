@@ -122,7 +122,15 @@ files = {root}/etc/conf.d/*.conf
 class Supervisor:
     """`supervisord -n` on the shipped configuration, localized under `root`."""
 
-    def __init__(self, root: Path, export_path: Path | None = None, include: bool = False):
+    def __init__(
+        self,
+        root: Path,
+        export_path: Path | None = None,
+        include: bool = False,
+        proxyd: Path | None = None,
+    ):
+        """`proxyd`: the program [program:proxyd] runs instead of this environment's
+        `proxyd` (tests/test_upgrade_guest.py switches what it runs)."""
         self.root = root
         for d in ("etc/conf.d", "run", "log", "srv/vm1"):
             (root / d).mkdir(parents=True, exist_ok=True)
@@ -137,12 +145,18 @@ class Supervisor:
             [{"name": "vm1", "path": str(export_path or self.export), "socket": str(self.socket)}],
         )
         self.conf = root / "etc" / "supervisord.conf"
+        shipped = localize(
+            (CONF / ("proxyd.conf" if include else "supervisord.conf")).read_text(), root
+        )
+        if proxyd is not None:
+            command = f"command={BIN}/proxyd "
+            assert shipped.count(command) == 1, shipped
+            shipped = shipped.replace(command, f"command={proxyd} ")
         if include:
             self.conf.write_text(MAIN_CONF.format(root=root))
-            program = localize((CONF / "proxyd.conf").read_text(), root)
-            (root / "etc" / "conf.d" / "proxyd.conf").write_text(program)
+            (root / "etc" / "conf.d" / "proxyd.conf").write_text(shipped)
         else:
-            self.conf.write_text(localize((CONF / "supervisord.conf").read_text(), root))
+            self.conf.write_text(shipped)
         self._out = open(root / "supervisord.out", "wb")  # noqa: SIM115
         # -n: our child, so that the test can always end it.
         self.proc = subprocess.Popen(
