@@ -23,7 +23,7 @@ import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from proxyd import admission
+from proxyd import admission, slot
 from proxyd.config import ExportConfig
 from proxyd.pool import BUSY, Connection, Worker
 from proxyd.slot import Slot
@@ -148,11 +148,13 @@ def adopt_orphans(master: Master) -> None:
         pool = master.pools[name]
         sock = socket.socket(fileno=orphan.conn_fd)
         peer_pid, uid, gid = admission.peer(sock)
+        journal = Slot(fd=orphan.journal_fd)
         conn = Connection(master.next_conn, sock, name, peer_pid, uid, gid)
+        conn.accepted = journal.fields[slot.ACCEPTED] or conn.accepted
         master.next_conn += 1
         master.connections[conn.id] = conn
         # Generation -1: older than any of the pool's; not our child: watched by pidfd.
-        w = Worker(pid, pool, index, -1, None, Slot(fd=orphan.journal_fd), state=BUSY, conn=conn)
+        w = Worker(pid, pool, index, -1, None, journal, state=BUSY, conn=conn)
         w.pidfd = orphan.pidfd
         master.adopt_worker(w)
         pool.next_index = max(pool.next_index, index + 1)

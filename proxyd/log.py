@@ -296,6 +296,19 @@ def count_in(fields: memoryview, dropped_index: int, pending_index: int) -> None
     _sink.count_in(fields, dropped_index, pending_index)
 
 
+def relay_to(relay: Any) -> None:
+    """In a worker: once its log is gone for good (a pipe or stream whose reader closed
+    it: the master died and the supervisor closed that master's log), put its lines in
+    `relay` (its journal's slot.Relay), for the master that adopts it to write."""
+    _sink.relay = relay
+
+
+def relayed(line: bytes) -> None:
+    """Write a line a worker put in its relay (already rendered) to this process's log."""
+    line = line.rstrip(b"\n")
+    _sink.write(_syslog_line(_SEVERITY["info"], line) if _sink.syslog else line + b"\n")
+
+
 def take_over(fd: int) -> None:
     """Write to this reopened log file from now on (SIGUSR1, or a reload that set
     log_file); held lines and counts go with it. Logging to a file already: the

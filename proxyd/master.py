@@ -233,6 +233,9 @@ class Master:
                     self._retire(w)
             self._dispatch(pool)
         for w in list(self.workers.values()):
+            if w.pidfd is not None:  # adopted: its log died with its master; we write it
+                for line in w.journal.relay.take():
+                    log.relayed(line)
             if w.conn is not None:
                 self.recovery.watch(w, now, self.config.request_timeout)
             elif w.state == STARTING and time.time() - w.started > self.config.request_timeout:
@@ -586,6 +589,7 @@ class Master:
     def _hand(self, w: Worker, conn: Connection) -> None:
         journal = w.journal
         journal.reset()
+        journal.fields[slot.ACCEPTED] = int(conn.accepted)  # for a master that adopts it
         if conn.prefix:
             journal.request[: len(conn.prefix)] = conn.prefix
             journal.fields[slot.HAVE] = len(conn.prefix)
@@ -756,7 +760,9 @@ class Master:
             if self.stop_deadline is not None:
                 self._close_connection(w.conn, "daemon stopping")
             else:
-                self.recovery.worker_died(w, w.conn)
+                self.recovery.worker_died(w, w.conn, asked_to_leave=expected)
+        for line in w.journal.relay.take():  # what it left for us, if its log was gone
+            log.relayed(line)
         lost = w.journal.fields[slot.LOG_DROPPED] + w.journal.fields[slot.LOG_PENDING]
         if lost:  # log lines it dropped, and those it still held: for `proxyd status`
             self.counters["log_lines_dropped_by_exited_workers"] += lost

@@ -208,13 +208,20 @@ class Recovery:
         self._close = close
         self.undecided: dict[int, tuple[Connection, str | None, float]] = {}
 
-    def worker_died(self, w: Worker, conn: Connection) -> None:
+    def worker_died(self, w: Worker, conn: Connection, asked_to_leave: bool = False) -> None:
         """Act on the verdict for `conn`, whose worker `w` died: hand it to a fresh
         worker (running a request that changes nothing again, or after an EIO where
         the request may have changed the export), or close it where that is the only
-        safe answer. `conn.requests` already counts the requests `w` started."""
+        safe answer. `conn.requests` already counts the requests `w` started.
+        `asked_to_leave`: it was retired (an adopted worker leaves so, without a channel
+        to say it released its connection): a hand-on then is no crash."""
         # A request the master killed for running too long is not run again.
         verdict = judge(w.journal, conn.sock, retry=w.killed_for != HUNG)
+        if asked_to_leave and verdict.action == HAND_ON and verdict.executed is None:
+            conn.prefix = verdict.prefix
+            self.log.info("connection handed on", export=conn.export, conn=conn.id)
+            self._hand_on(conn)
+            return
         # conn.requests counts the one in flight: with the digest, it names that request.
         if verdict.executed is not None and self._poisoned(conn, (conn.requests, verdict.executed)):
             return

@@ -38,6 +38,10 @@ import socket
 import stat
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxyd.slot import Relay
 
 BACKLOG_BYTES = 256 * 1024  # lines held per process while the destination does not take them
 RETRY_MS = 250  # how often a full disk is tried again (by an idle worker, or with "wait")
@@ -46,6 +50,7 @@ _U32_MAX = 0xFFFFFFFF
 # else (EPIPE: the reader is gone, EBADF) is dropped and counted in both modes.
 _TRANSIENT = {errno.EAGAIN, errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOBUFS, errno.ENOMEM}
 _SYSLOG_GONE = {errno.ECONNREFUSED, errno.ENOTCONN}  # the syslog daemon was restarted
+_READER_GONE = {errno.EPIPE, errno.ECONNRESET}  # a pipe or stream whose reader closed it
 
 
 class Sink:
@@ -74,6 +79,10 @@ class Sink:
         self.address = address
         self.syslog = address is not None  # lines are framed as syslog messages
         self.wait = False
+        # A worker's journal relay (slot.Relay): where its lines go once the destination
+        # is gone for good (the supervisor closed the pipe when the master died).
+        self.relay: Relay | None = None
+        self._gone = False
         # Renders the warning that `lines` were dropped since `since` (time.time()),
         # the last failure being the errno `error`; None when the level filters it out.
         self.report: Callable[[int, float, int], bytes | None] = lambda *_: None
@@ -201,6 +210,12 @@ class Sink:
 
     def _send(self, data: bytes) -> bytes:
         """Write `data` once, never waiting; what is left of it (b"" when all went out)."""
+        if self._gone:
+            assert self.relay is not None
+            if self.relay.put(data):
+                return b""
+            self._error = errno.ENOBUFS  # the relay is full until the master takes lines
+            return data
         try:
             if self.sock is not None:
                 sent = self.sock.send(data, socket.MSG_DONTWAIT)
@@ -210,6 +225,9 @@ class Sink:
             self._error = e.errno or errno.EIO
             if self.address is not None and e.errno in _SYSLOG_GONE:
                 self._reconnect()
+            elif e.errno in _READER_GONE and self.relay is not None and not self.syslog:
+                self._gone = True  # for good: the next master takes our lines from the relay
+                return self._send(data)
             return data
         if sent == len(data):
             self._fragment_end = -1

@@ -10,7 +10,7 @@ master reads the slot to decide what the guest is owed:
     EXECUTING                        -> the request may have run: answer -EIO
     REPLY_READY (reply being sent)    -> look at the socket; if unsure, close
 
-Layout: a row of u32 fields, then the request buffer.
+Layout: a row of u32 fields, the request buffer, then the relay ring (Relay).
 """
 
 from __future__ import annotations
@@ -37,14 +37,20 @@ LOG_EPOCH = 5  # master -> worker: bumped when a reopened log file waits on the 
 # those it holds for a log that does not take them now (lost too if it dies).
 LOG_DROPPED = 6
 LOG_PENDING = 7
-_LIFELONG = (LOG_DROPPED, LOG_PENDING)  # kept when the slot is reset for a new connection
+# The relay (Relay below): bytes the worker put in the relay ring and bytes the master
+# took out, both counted since the worker started, modulo 2**32.
+RELAY_WRITTEN = 8
+RELAY_READ = 9
+ACCEPTED = 10  # master -> whoever adopts the worker: when its connection was accepted (s)
+_LIFELONG = (LOG_DROPPED, LOG_PENDING, RELAY_WRITTEN, RELAY_READ)  # kept between connections
 FIELDS = 16
 
 NONE = 0
 RETIRE = 1
 
 _FIELDS_SIZE = FIELDS * 4
-SLOT_SIZE = _FIELDS_SIZE + BUFFER_SIZE
+RELAY_SIZE = 64 * 1024  # log lines of a worker whose master died, for the next one
+SLOT_SIZE = _FIELDS_SIZE + BUFFER_SIZE + RELAY_SIZE
 
 _ZERO_HEADER = bytes(HEADER_SIZE)
 
@@ -73,7 +79,8 @@ class Slot:
             raise
         view = memoryview(self._map)
         self.fields = view[:_FIELDS_SIZE].cast("I")
-        self.request = view[_FIELDS_SIZE:SLOT_SIZE]
+        self.request = view[_FIELDS_SIZE : _FIELDS_SIZE + BUFFER_SIZE]
+        self.relay = Relay(self.fields, view[_FIELDS_SIZE + BUFFER_SIZE : SLOT_SIZE])
 
     def reset(self) -> None:
         for i in range(FIELDS):
@@ -90,9 +97,56 @@ class Slot:
         return self.request[:HEADER_SIZE] != _ZERO_HEADER
 
     def close(self) -> None:
+        self.relay.ring.release()
         self.fields.release()
         self.request.release()
         self._map.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class Relay:
+    """A ring of log lines in the journal, from a worker whose master died to the master
+    that adopts it (proxyd/adopt.py). Under supervisord or systemd a worker's log is a
+    pipe or stream to the supervisor, which closes it when the master dies: from then
+    on the worker's lines (the audit trail of the guest it goes on serving) are put
+    here instead (sink.py), and the adopting master writes them to its own log.
+
+    One writer (the worker), one reader (the master): each record is a u16 length and
+    the line; the writer stores the bytes, then RELAY_WRITTEN; the reader reads them,
+    then stores RELAY_READ (x86-64 keeps stores in order, and so do these memory views'
+    plain stores on it)."""
+
+    def __init__(self, fields: memoryview, ring: memoryview) -> None:
+        self.fields, self.ring = fields, ring
+
+    def put(self, line: bytes) -> bool:
+        """Append one line; False (nothing written) when the ring has no room for it."""
+        written, read = self.fields[RELAY_WRITTEN], self.fields[RELAY_READ]
+        record = len(line).to_bytes(2, "little") + line
+        if (written - read) % 2**32 + len(record) > RELAY_SIZE:
+            return False
+        self._copy_in(written % RELAY_SIZE, record)
+        self.fields[RELAY_WRITTEN] = (written + len(record)) % 2**32
+        return True
+
+    def take(self) -> list[bytes]:
+        """Every line put since the last take, oldest first."""
+        lines = []
+        read, written = self.fields[RELAY_READ], self.fields[RELAY_WRITTEN]
+        while read != written:
+            size = int.from_bytes(self._copy_out(read % RELAY_SIZE, 2), "little")
+            lines.append(self._copy_out((read + 2) % RELAY_SIZE, size))
+            read = (read + 2 + size) % 2**32
+        self.fields[RELAY_READ] = read
+        return lines
+
+    def _copy_in(self, at: int, data: bytes) -> None:
+        first = min(len(data), RELAY_SIZE - at)
+        self.ring[at : at + first] = data[:first]
+        self.ring[: len(data) - first] = data[first:]
+
+    def _copy_out(self, at: int, size: int) -> bytes:
+        first = min(size, RELAY_SIZE - at)
+        return bytes(self.ring[at : at + first]) + bytes(self.ring[: size - first])

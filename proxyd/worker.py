@@ -569,6 +569,7 @@ def _worker(
         config.log_format, config.log_level, on_blocked=config.on_log_blocked, identity=identity
     )
     log.count_in(journal.fields, slot.LOG_DROPPED, slot.LOG_PENDING)  # for the master's status
+    log.relay_to(journal.relay)  # should our master die and its log with it
     logger = log.get(role="worker", export=export.name, worker=index)
     try:
         privileges.enter_sandbox(export.path, config.seccomp, export.identity)
