@@ -21,7 +21,7 @@ from proxyd import protocol as p
 from proxyd.ops import ExportOps, SpecialFileRefused
 from proxyd.slot import Slot
 
-Handler = Callable[[memoryview], Any]
+Handler = Callable[[bytes], Any]
 
 _SCM_RIGHTS = socket.SCM_RIGHTS
 _SOL_SOCKET = socket.SOL_SOCKET
@@ -47,20 +47,20 @@ def request_handlers(ops: ExportOps) -> list[Handler | None]:
     """
 
     def status(decode: Callable, op: Callable) -> Handler:
-        def handle(payload: memoryview) -> bytes:
+        def handle(payload: bytes) -> bytes:
             op(*decode(payload))
             return _STATUS_OK
 
         return handle
 
     def data(decode: Callable, op: Callable, encode: Callable) -> Handler:
-        def handle(payload: memoryview) -> bytes:
+        def handle(payload: bytes) -> bytes:
             return encode(op(*decode(payload)))
 
         return handle
 
     def fd(decode: Callable, op: Callable) -> Handler:
-        def handle(payload: memoryview) -> int:
+        def handle(payload: bytes) -> int:
             return op(*decode(payload))
 
         return handle
@@ -268,7 +268,7 @@ class Server:
             fields[SEQ] = seq
             fields[PHASE] = EXECUTING
             stats.requests += 1
-            payload = buf[HEADER_SIZE:end]
+            payload = bytes(buf[HEADER_SIZE:end])
             audit = audited[code]
             if audit == AUDIT_IF_WRITING:  # OPEN at "mutations": only when it writes
                 audit = AUDIT_ALWAYS if _open_writes(payload) else AUDIT_NEVER
@@ -293,7 +293,7 @@ class Server:
             # Back to a request boundary at once (the master's view of a death is
             # exact again). Clear the header before saying RECEIVING, so that a header
             # the master finds there was really just received. The audit line comes
-            # after: the payload is still in place, only the header was cleared.
+            # after: the payload was copied out, only the header was cleared.
             have -= end
             if have:  # a client that did not wait for its reply: keep the rest
                 if logged:
@@ -324,7 +324,7 @@ class Server:
         finally:
             os.close(fd)  # the client has its own copy now (or none, if sending failed)
 
-    def _audit(self, code: int, payload: memoryview, err: int, started: int, audit: int) -> None:
+    def _audit(self, code: int, payload: bytes, err: int, started: int, audit: int) -> None:
         """The audit event of one request (after its reply went out: off the latency).
 
         A security refusal (special file, read-only export) is a warning, and is
@@ -379,7 +379,7 @@ _U16 = struct.Struct("=H")
 _D = struct.Struct("=i")
 
 
-def _open_writes(payload: memoryview) -> bool:
+def _open_writes(payload: bytes) -> bool:
     """Whether an OPEN payload asks for writing (a malformed one counts as writing:
     it gets its audit event)."""
     if len(payload) < 2:
@@ -405,7 +405,7 @@ def _ids(uid: int, gid: int) -> dict[str, int]:
     return {"uid": uid, "gid": gid}
 
 
-def audit_fields(code: int, payload: memoryview) -> dict[str, Any]:
+def audit_fields(code: int, payload: bytes) -> dict[str, Any]:
     """The fields of one request's audit event (docs/events.md, event "op")."""
     args = p.DECODERS[code](payload)
     path = log.printable
