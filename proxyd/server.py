@@ -16,16 +16,37 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import cython
+
 from proxyd import log, slot
 from proxyd import protocol as p
 from proxyd.ops import ExportOps, SpecialFileRefused
 from proxyd.slot import Slot
 
+if cython.compiled:
+    from cython.cimports.libc.errno import EAGAIN, EINTR
+    from cython.cimports.libc.errno import errno as c_errno
+    from cython.cimports.libc.string import memcpy, memset
+    from cython.cimports.proxyd._libc import (
+        CMSG_DATA,
+        CMSG_FIRSTHDR,
+        CMSG_LEN,
+        CMSG_SPACE,
+        MSG_NOSIGNAL,
+        SCM_RIGHTS,
+        SOL_SOCKET,
+        iovec,
+        msghdr,
+        recv,
+        send,
+        sendmsg,
+    )
+
 Handler = Callable[[bytes], Any]
 
 _SCM_RIGHTS = socket.SCM_RIGHTS
 _SOL_SOCKET = socket.SOL_SOCKET
-_ZERO_HEADER = bytes(p.HEADER_SIZE)
+_U32 = struct.Struct("=I")
 _FD_VALID_BUFFERS = [p.FD_REPLY_VALID]
 
 
@@ -87,6 +108,115 @@ def request_handlers(ops: ExportOps) -> list[Handler | None]:
     table[p.T_LREMOVEXATTR] = status(p.decode_two_paths, ops.lremovexattr)
     table[p.T_GETVERSION] = data(p.decode_path, ops.getversion, p.encode_getversion)
     return table
+
+
+# --- the socket and the shared buffer --------------------------------------------------
+#
+# Compiled (setup.py), these are libc's recv/send/sendmsg on the connection's
+# descriptor and C loads and stores on the shared pages; interpreted, the socket's
+# methods and memoryviews do the same system calls and the same stores.
+
+
+@cython.cfunc
+@cython.boundscheck(False)
+def _recv(
+    sock: socket.socket, fd: cython.int, buf: cython.uchar[::1], have: cython.Py_ssize_t
+) -> cython.Py_ssize_t:
+    """recv(2) into buf[have:]: the bytes received (0 at EOF), or -1 when SO_RCVTIMEO
+    expired with nothing received. Raises OSError."""
+    if cython.compiled:
+        while True:
+            n = recv(fd, cython.address(buf[have]), buf.shape[0] - have, 0)
+            if n >= 0:
+                return n
+            err = c_errno
+            if err == EAGAIN:
+                return -1
+            if err != EINTR:
+                raise OSError(err, os.strerror(err))
+    try:
+        return sock.recv_into(buf[have:])
+    except BlockingIOError:
+        return -1
+
+
+@cython.cfunc
+def _send_all(sock: socket.socket, fd: cython.int, reply: bytes) -> cython.int:
+    """send(2) all of `reply`. Raises OSError: BlockingIOError when SO_SNDTIMEO expired."""
+    if cython.compiled:
+        data: cython.p_char = reply
+        left: cython.Py_ssize_t = len(reply)
+        while left > 0:
+            n = send(fd, data, left, MSG_NOSIGNAL)
+            if n >= 0:
+                data += n
+                left -= n
+                continue
+            err = c_errno
+            if err != EINTR:
+                raise OSError(err, os.strerror(err))
+        return 0
+    sock.sendall(reply)
+    return 0
+
+
+@cython.cfunc
+def _send_fd(sock: socket.socket, fd: cython.int) -> cython.int:
+    """sendmsg(2) of the fd reply FD_VALID with `fd` as SCM_RIGHTS. Raises OSError."""
+    if cython.compiled:
+        value: cython.int = p.FD_VALID
+        iov = cython.declare(iovec)
+        msg = cython.declare(msghdr)
+        control = cython.declare(cython.char[64])  # >= CMSG_SPACE(sizeof(int))
+        memset(cython.address(msg), 0, cython.sizeof(msghdr))
+        memset(control, 0, cython.sizeof(control))
+        iov.iov_base = cython.address(value)
+        iov.iov_len = 4
+        msg.msg_iov = cython.address(iov)
+        msg.msg_iovlen = 1
+        msg.msg_control = control
+        msg.msg_controllen = CMSG_SPACE(cython.sizeof(cython.int))
+        cmsg = CMSG_FIRSTHDR(cython.address(msg))
+        cmsg.cmsg_level = SOL_SOCKET
+        cmsg.cmsg_type = SCM_RIGHTS
+        cmsg.cmsg_len = CMSG_LEN(cython.sizeof(cython.int))
+        memcpy(CMSG_DATA(cmsg), cython.address(fd), cython.sizeof(cython.int))
+        while sendmsg(sock.fileno(), cython.address(msg), MSG_NOSIGNAL) < 0:
+            err = c_errno
+            if err != EINTR:
+                raise OSError(err, os.strerror(err))
+        return 0
+    sock.sendmsg(_FD_VALID_BUFFERS, [(_SOL_SOCKET, _SCM_RIGHTS, p.FD_REPLY.pack(fd))])
+    return 0
+
+
+@cython.cfunc
+@cython.boundscheck(False)
+def _u32(buf: cython.uchar[::1], off: cython.Py_ssize_t) -> cython.uint:
+    """The host-order u32 at buf[off:off + 4] (a header field)."""
+    if cython.compiled:
+        v = cython.declare(cython.uint)
+        memcpy(cython.address(v), cython.address(buf[off]), 4)
+        return v
+    return _U32.unpack_from(buf, off)[0]
+
+
+@cython.cfunc
+@cython.boundscheck(False)
+def _bytes(buf: cython.uchar[::1], start: cython.Py_ssize_t, end: cython.Py_ssize_t) -> bytes:
+    """A copy of buf[start:end] (a request's payload)."""
+    if cython.compiled:
+        return cython.cast(cython.p_char, cython.address(buf[start]))[: end - start]
+    return bytes(buf[start:end])
+
+
+@cython.cfunc
+@cython.boundscheck(False)
+def _clear_header(buf: cython.uchar[::1]) -> cython.int:
+    i: cython.Py_ssize_t
+    for i in range(p.HEADER_SIZE):
+        buf[i] = 0
+    return 0
 
 
 @dataclass
@@ -191,12 +321,13 @@ class Server:
 
     def _receive(self, sock: socket.socket, have: int, need: int) -> int:
         """Read until `need` bytes are in the buffer; 0 at EOF (or EOF mid-request)."""
-        buf, fields = self._slot.request, self._slot.fields
+        buf: cython.uchar[::1] = self._slot.request
+        fields: cython.uint[::1] = self._slot.fields
+        fd: cython.int = sock.fileno()
         quiet = 0
         while have < need:
-            try:
-                n = sock.recv_into(buf[have:])
-            except BlockingIOError:  # SO_RCVTIMEO expired: nothing arrived
+            n = _recv(sock, fd, buf, have)
+            if n < 0:  # SO_RCVTIMEO expired: nothing arrived
                 if have == 0:
                     self._at_boundary()
                     continue
@@ -211,40 +342,52 @@ class Server:
             quiet = 0
         return have
 
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
     def _loop(self, sock: socket.socket, stats: ConnectionStats) -> None:
-        # The hot path: names are locals, the common case (a whole request arriving in
-        # one piece) is one recv_into, and everything else falls back to _receive.
-        buf, fields = self._slot.request, self._slot.fields
-        handlers, audited = self._handlers, self._audited
-        n_codes = len(handlers)
+        # The hot path: the common case (a whole request arriving in one piece) is one
+        # recv, and everything else falls back to _receive. Compiled, the journal and
+        # the request buffer are C arrays over the shared pages and recv/send go to
+        # libc; interpreted, the same lines run on memoryviews and the socket methods.
+        fields: cython.uint[::1] = self._slot.fields
+        buf: cython.uchar[::1] = self._slot.request
+        handlers: list = self._handlers
+        audited: list = self._audited
+        n_codes: cython.uint = len(handlers)
+        fd: cython.int = sock.fileno()
         receive = self._receive
-        recv_into = sock.recv_into
-        sendall = sock.sendall
-        unpack_header = p.HEADER.unpack_from
         clock = time.perf_counter_ns
-        HEADER_SIZE, MAX_PAYLOAD = p.HEADER_SIZE, p.MAX_PAYLOAD  # noqa: N806
-        PHASE, HAVE, SEQ, COMMAND, LOG_EPOCH = (  # noqa: N806
-            slot.PHASE,
-            slot.HAVE,
-            slot.SEQ,
-            slot.COMMAND,
-            slot.LOG_EPOCH,
-        )
-        RECEIVING, EXECUTING, REPLY_READY = slot.RECEIVING, slot.EXECUTING, slot.REPLY_READY  # noqa: N806
-        have = fields[HAVE]  # bytes already in the buffer: a handed-on request
+        HEADER_SIZE: cython.Py_ssize_t = p.HEADER_SIZE  # noqa: N806
+        MAX_PAYLOAD: cython.uint = p.MAX_PAYLOAD  # noqa: N806
+        PHASE: cython.Py_ssize_t = slot.PHASE  # noqa: N806
+        HAVE: cython.Py_ssize_t = slot.HAVE  # noqa: N806
+        SEQ: cython.Py_ssize_t = slot.SEQ  # noqa: N806
+        COMMAND: cython.Py_ssize_t = slot.COMMAND  # noqa: N806
+        LOG_EPOCH: cython.Py_ssize_t = slot.LOG_EPOCH  # noqa: N806
+        RECEIVING: cython.uint = slot.RECEIVING  # noqa: N806
+        EXECUTING: cython.uint = slot.EXECUTING  # noqa: N806
+        REPLY_READY: cython.uint = slot.REPLY_READY  # noqa: N806
+        T_OPEN: cython.uint = p.T_OPEN  # noqa: N806
+        T_CREATE: cython.uint = p.T_CREATE  # noqa: N806
+        code: cython.uint
+        size: cython.uint
+        end: cython.Py_ssize_t
+        n: cython.Py_ssize_t
+        err: cython.int
+        have: cython.Py_ssize_t = fields[HAVE]  # bytes already in the buffer: handed on
         if have == 0:
-            buf[:HEADER_SIZE] = _ZERO_HEADER
+            _clear_header(buf)
         fields[PHASE] = RECEIVING
-        seq = 0
+        seq: cython.uint = 0
         while True:
             if have == 0:
                 if fields[COMMAND] or fields[LOG_EPOCH] != self.log_epoch:
                     self._on_command()
-                try:
-                    have = recv_into(buf)
-                except BlockingIOError:  # SO_RCVTIMEO: a quiet connection's wake-up
+                n = _recv(sock, fd, buf, 0)
+                if n < 0:  # SO_RCVTIMEO: a quiet connection's wake-up
                     have = receive(sock, 0, HEADER_SIZE)
                 else:
+                    have = n
                     fields[HAVE] = have
                 if have == 0:
                     return
@@ -254,7 +397,8 @@ class Server:
                 have = receive(sock, have, HEADER_SIZE)
                 if have == 0:
                     return
-            code, size = unpack_header(buf)
+            code = _u32(buf, 0)
+            size = _u32(buf, 4)
             if size > MAX_PAYLOAD or code >= n_codes or handlers[code] is None:
                 p.check_header(code, size)  # raises, saying which
             end = HEADER_SIZE + size
@@ -268,7 +412,7 @@ class Server:
             fields[SEQ] = seq
             fields[PHASE] = EXECUTING
             stats.requests += 1
-            payload = bytes(buf[HEADER_SIZE:end])
+            payload = _bytes(buf, HEADER_SIZE, end)
             audit = audited[code]
             if audit == AUDIT_IF_WRITING:  # OPEN at "mutations": only when it writes
                 audit = AUDIT_ALWAYS if _open_writes(payload) else AUDIT_NEVER
@@ -281,13 +425,13 @@ class Server:
                 result = None
                 stats.errors += 1
                 self._refusal = _refusal_kind(e, self._readonly)
-            if code == p.T_OPEN or code == p.T_CREATE:
+            if code in (T_OPEN, T_CREATE):
                 self._send_fd_reply(sock, result, err)
             else:
                 if err:
                     result = p.encode_error(err)
                 fields[PHASE] = REPLY_READY  # then at once the send: see _send_fd_reply
-                sendall(result)
+                _send_all(sock, fd, result)
             logged = audit or (err and self._refusal)
 
             # Back to a request boundary at once (the master's view of a death is
@@ -301,7 +445,7 @@ class Server:
                     logged = False
                 buf[:have] = buf[end : end + have]
             else:
-                buf[:HEADER_SIZE] = _ZERO_HEADER
+                _clear_header(buf)
             fields[HAVE] = have
             fields[PHASE] = RECEIVING
             if logged:
@@ -314,13 +458,12 @@ class Server:
         if err:
             reply = p.encode_fd_reply(-err)
             fields[slot.PHASE] = slot.REPLY_READY
-            sock.sendall(reply)
+            _send_all(sock, sock.fileno(), reply)
             return
         assert fd is not None
-        rights = [(_SOL_SOCKET, _SCM_RIGHTS, p.FD_REPLY.pack(fd))]
         try:
             fields[slot.PHASE] = slot.REPLY_READY
-            sock.sendmsg(_FD_VALID_BUFFERS, rights)
+            _send_fd(sock, fd)
         finally:
             os.close(fd)  # the client has its own copy now (or none, if sending failed)
 
