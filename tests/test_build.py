@@ -4,11 +4,15 @@ of them, and a clear install error where no C compiler is found (setup.py)."""
 from __future__ import annotations
 
 import importlib.machinery
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -61,3 +65,73 @@ def test_install_without_a_compiler_fails_saying_what_to_install(tmp_path: Path)
     assert "proxyd: cannot compile its request path" in output, output[-3000:]
     assert "apt-get install build-essential python3-dev" in output
     assert not list(tmp_path.glob("wheels/*.whl"))
+
+
+def interpreted(module: ModuleType) -> ModuleType:
+    """`module` loaded again from its .py file, run by the interpreter."""
+    source = Path(module.__file__).with_name(module.__name__.rsplit(".", 1)[1] + ".py")
+    spec = importlib.util.spec_from_file_location(f"interpreted_{source.stem}", source)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    assert loaded.cython.compiled is False
+    return loaded
+
+
+def outcome(function: Callable[..., Any], *args: Any) -> Any:
+    """What a call answers: its value (an opened descriptor as its inode), or the class
+    and errno of what it raises."""
+    try:
+        value = function(*args)
+    except Exception as e:
+        return type(e).__name__, getattr(e, "errno", None)
+    if function.__name__ == "open":
+        try:
+            return "fd", os.fstat(value).st_ino
+        finally:
+            os.close(value)
+    return value
+
+
+def test_interpreted_ops_answer_as_the_compiled_ones(tmp_path: Path) -> None:
+    """One source, two runs: ops.py interpreted (where the C calls are os calls)
+    answers every case exactly as the compiled module does."""
+    (tmp_path / "file").write_bytes(b"x" * 10)
+    os.utime(tmp_path / "file", ns=(1_500_000_000_123_456_789, -1))  # before 1970
+    os.setxattr(tmp_path / "file", "user.tag", b"value")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "link").symlink_to("file")
+    os.mkfifo(tmp_path / "fifo")
+    paths = [bytes(tmp_path / name) for name in ("file", "dir", "link", "fifo", "missing")]
+    flag_sets = (
+        os.O_RDONLY,
+        os.O_WRONLY | os.O_NONBLOCK,
+        os.O_DIRECTORY,
+        os.O_PATH,
+        os.O_RDONLY | os.O_NOFOLLOW,
+        os.O_CREAT | os.O_WRONLY,
+    )
+    cases: list[tuple[str, tuple]] = []
+    for path in paths:
+        cases.append(("lstat", (path,)))
+        cases += [("readlink", (path, bufsize)) for bufsize in (1, 2, 4, 4096)]
+        for size in (-1, 0, 3, 5, 256, 1 << 20):
+            cases.append(("lgetxattr", (size, path, b"user.tag")))
+        cases.append(("lgetxattr", (256, path, b"user.none")))
+        cases += [("open", (path, flags)) for flags in flag_sets]
+    both = (proxyd.ops.ExportOps(None, False), interpreted(proxyd.ops).ExportOps(None, False))
+    for name, args in cases:
+        compiled, source = (outcome(getattr(ops, name), *args) for ops in both)
+        assert compiled == source, (name, args)
+    assert outcome(both[0].lstat, paths[0])[12:14] == (-1, 999_999_999)
+
+
+def test_interpreted_decoders_answer_as_the_compiled_ones() -> None:
+    source = interpreted(proxyd.protocol)
+    payload = bytes(range(40)) + b"\x02\x00/a\x05\x00//b\0c" + bytes(40)
+    for code in proxyd.protocol.DECODERS:
+        for cut in range(len(payload) + 1):
+            compiled, interpreted_ = (
+                outcome(module.DECODERS[code], payload[:cut])
+                for module in (proxyd.protocol, source)
+            )
+            assert compiled == interpreted_, (code, cut)
