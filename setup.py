@@ -9,6 +9,9 @@ serving through the interpreter spends about twice the CPU per request.
 
 from __future__ import annotations
 
+import os
+import shutil
+
 from Cython.Build import cythonize
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
@@ -23,13 +26,24 @@ NO_COMPILER = (
 
 
 class BuildExt(build_ext):
-    """build_ext whose failure to compile names what is missing."""
+    """build_ext whose failure to compile names what is missing, and which puts a
+    module built in place (`pip install -e .`) by renaming over the old one."""
 
     def run(self) -> None:
         try:
             super().run()
         except (CCompilerError, ExecError, PlatformError) as e:  # no cc, no Python.h
             raise SystemExit(NO_COMPILER.format(error=e)) from e
+
+    def copy_file(self, infile: str, outfile: str, *args: object, **kwargs: object) -> tuple:
+        # Copying into the old file would truncate it under a proxyd of this checkout
+        # that still runs it (SIGBUS in the daemon); a rename leaves that one mapped.
+        if not self.inplace:
+            return super().copy_file(infile, outfile, *args, **kwargs)
+        partial = f"{outfile}.{os.getpid()}.tmp"
+        shutil.copy2(infile, partial)
+        os.replace(partial, outfile)
+        return outfile, True
 
 
 setup(

@@ -34,15 +34,47 @@ def test_request_path_runs_compiled_and_up_to_date(module) -> None:
     assert path.stat().st_mtime >= source.stat().st_mtime, f"{path} is older than {source}"
 
 
-def test_install_without_a_compiler_fails_saying_what_to_install(tmp_path: Path) -> None:
-    source = tmp_path / "src"
-    source.mkdir()
+def source_copy(dest: Path) -> Path:
+    """The files a build reads, without any built module."""
+    dest.mkdir()
     for name in ("setup.py", "pyproject.toml", "README.md"):
-        shutil.copy2(CHECKOUT / name, source / name)
-    (source / "proxyd").mkdir()
+        shutil.copy2(CHECKOUT / name, dest / name)
+    (dest / "proxyd").mkdir()
     for path in (CHECKOUT / "proxyd").iterdir():
         if path.suffix in (".py", ".pxd"):
-            shutil.copy2(path, source / "proxyd" / path.name)
+            shutil.copy2(path, dest / "proxyd" / path.name)
+    return dest
+
+
+def test_a_build_in_place_replaces_modules_without_writing_into_them(tmp_path: Path) -> None:
+    """`pip install -e .` again while a proxyd of the checkout runs: the running one
+    keeps the module it mapped (writing into it would crash it with SIGBUS)."""
+    source = source_copy(tmp_path / "src")
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    running = source / "proxyd" / f"ops{suffix}"
+    running.write_bytes(b"the module a running daemon has mapped")
+    with running.open("rb") as held:
+        result = subprocess.run(
+            [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+            cwd=source,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert held.read() == b"the module a running daemon has mapped"
+        assert os.fstat(held.fileno()).st_ino != running.stat().st_ino
+    code = "import proxyd.ops, proxyd.protocol, proxyd.server; print(proxyd.server.__file__)"
+    built = subprocess.run(
+        [sys.executable, "-c", code], cwd=source, capture_output=True, text=True, timeout=60
+    )
+    assert built.returncode == 0, built.stderr
+    assert built.stdout.strip() == str(source / "proxyd" / f"server{suffix}")
+    assert not list(source.glob("proxyd/*.tmp"))
+
+
+def test_install_without_a_compiler_fails_saying_what_to_install(tmp_path: Path) -> None:
+    source = source_copy(tmp_path / "src")
     result = subprocess.run(
         [
             sys.executable,
@@ -135,3 +167,8 @@ def test_interpreted_decoders_answer_as_the_compiled_ones() -> None:
                 for module in (proxyd.protocol, source)
             )
             assert compiled == interpreted_, (code, cut)
+    for values in (
+        (1, 2, 3, 0o100644, 4294967294, 6, 7, 8, 9, 10, 11, 12, -1, 999_999_999, 15, 16),
+        (2**64 - 1,) * 3 + (2**32 - 1,) * 3 + (2**64 - 1,) + (2**63 - 1,) * 3 + (-(2**63),) * 6,
+    ):
+        assert proxyd.protocol.encode_stat(values) == source.encode_stat(values)
