@@ -55,8 +55,21 @@ GETVERSION_FILESYSTEMS = {
 # Flags added to every real open: never acquire a controlling terminal, never leak
 # into a child. Not O_NONBLOCK: it would turn a host lease or delegation (Samba
 # oplocks, knfsd) into EWOULDBLOCK where open(2) waits for the lease to be broken.
-_SAFE_OPEN = os.O_NOCTTY | os.O_CLOEXEC
+_SAFE_OPEN = cython.declare(cython.int, os.O_NOCTTY | os.O_CLOEXEC)
 _O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY  # __O_TMPFILE
+
+# What the frequent requests test, as C constants when compiled (no attribute lookups).
+_O_PATH = cython.declare(cython.int, os.O_PATH)
+_O_NOFOLLOW = cython.declare(cython.int, os.O_NOFOLLOW)
+_O_CREAT = cython.declare(cython.int, os.O_CREAT)
+_O_TMPFILE = cython.declare(cython.int, os.O_TMPFILE)
+_S_IFMT = cython.declare(cython.uint, 0o170000)
+_S_IFREG = cython.declare(cython.uint, stat.S_IFREG)
+_S_IFDIR = cython.declare(cython.uint, stat.S_IFDIR)
+_S_IFIFO = cython.declare(cython.uint, stat.S_IFIFO)
+_S_IFSOCK = cython.declare(cython.uint, stat.S_IFSOCK)
+_S_IFCHR = cython.declare(cython.uint, stat.S_IFCHR)
+_S_IFBLK = cython.declare(cython.uint, stat.S_IFBLK)
 
 
 class SpecialFileRefused(OSError):
@@ -80,13 +93,20 @@ def _type_name(mode: int) -> str:
     return "unknown"
 
 
-def _servable(mode: int) -> bool:
-    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+@cython.cfunc
+@cython.inline
+def _servable(mode: cython.uint) -> cython.bint:
+    """A regular file or a directory."""
+    kind: cython.uint = mode & _S_IFMT
+    return kind in (_S_IFREG, _S_IFDIR)
 
 
-def _special(mode: int) -> bool:
+@cython.cfunc
+@cython.inline
+def _special(mode: cython.uint) -> cython.bint:
     """A FIFO, socket or device: a file whose open(2) runs more than the filesystem."""
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+    kind: cython.uint = mode & _S_IFMT
+    return kind in (_S_IFIFO, _S_IFSOCK, _S_IFCHR, _S_IFBLK)
 
 
 def _open_error_before_special_open(flags: int) -> int:
@@ -259,7 +279,7 @@ def _open(path: bytes, flags: int, mode: int = 0) -> int:
         return _sys_open(path, flags | _SAFE_OPEN, mode)
     except PermissionError:
         try:
-            now = _stat_mode(path, not flags & os.O_NOFOLLOW)
+            now = _stat_mode(path, not flags & _O_NOFOLLOW)
         except OSError as e:
             raise e from None
         if stat.S_ISCHR(now) or stat.S_ISBLK(now):
@@ -287,9 +307,9 @@ class ExportOps:
         # check of the descriptor suffice. Otherwise look first, so that a FIFO or a
         # device is never opened; what is not there, or is a regular file, a directory
         # or a symlink, open(2) answers itself.
-        if not flags & os.O_PATH:
+        if not flags & _O_PATH:
             try:
-                found = _stat_mode(path, not flags & os.O_NOFOLLOW)
+                found = _stat_mode(path, not flags & _O_NOFOLLOW)
             except OSError:
                 pass
             else:
@@ -312,7 +332,7 @@ class ExportOps:
 
     def open(self, path: bytes, flags: int) -> int:
         """OPEN: a descriptor for an existing file or directory."""
-        if flags & os.O_CREAT or flags & os.O_TMPFILE == os.O_TMPFILE:
+        if flags & _O_CREAT or flags & _O_TMPFILE == _O_TMPFILE:
             # OPEN carries no mode (the reference would use stack garbage): CREATE is
             # the request that creates.
             raise OSError(errno.EINVAL, "OPEN cannot create files; use CREATE", path)

@@ -47,6 +47,7 @@ Handler = Callable[[bytes], Any]
 _SCM_RIGHTS = socket.SCM_RIGHTS
 _SOL_SOCKET = socket.SOL_SOCKET
 _U32 = struct.Struct("=I")
+_U16 = struct.Struct("=H")
 _FD_VALID_BUFFERS = [p.FD_REPLY_VALID]
 
 
@@ -161,8 +162,9 @@ def _send_all(sock: socket.socket, fd: cython.int, reply: bytes) -> cython.int:
 
 
 @cython.cfunc
-def _send_fd(sock: socket.socket, fd: cython.int) -> cython.int:
-    """sendmsg(2) of the fd reply FD_VALID with `fd` as SCM_RIGHTS. Raises OSError."""
+def _send_fd(sock: socket.socket, conn: cython.int, fd: cython.int) -> cython.int:
+    """sendmsg(2) on `conn` of the fd reply FD_VALID with `fd` as SCM_RIGHTS. Raises
+    OSError."""
     if cython.compiled:
         value: cython.int = p.FD_VALID
         iov = cython.declare(iovec)
@@ -181,7 +183,7 @@ def _send_fd(sock: socket.socket, fd: cython.int) -> cython.int:
         cmsg.cmsg_type = SCM_RIGHTS
         cmsg.cmsg_len = CMSG_LEN(cython.sizeof(cython.int))
         memcpy(CMSG_DATA(cmsg), cython.address(fd), cython.sizeof(cython.int))
-        while sendmsg(sock.fileno(), cython.address(msg), MSG_NOSIGNAL) < 0:
+        while sendmsg(conn, cython.address(msg), MSG_NOSIGNAL) < 0:
             err = c_errno
             if err != EINTR:
                 raise OSError(err, os.strerror(err))
@@ -199,6 +201,17 @@ def _u32(buf: cython.uchar[::1], off: cython.Py_ssize_t) -> cython.uint:
         memcpy(cython.address(v), cython.address(buf[off]), 4)
         return v
     return _U32.unpack_from(buf, off)[0]
+
+
+@cython.cfunc
+@cython.boundscheck(False)
+def _u16(buf: cython.uchar[::1], off: cython.Py_ssize_t) -> cython.uint:
+    """The host-order u16 at buf[off:off + 2] (a string's length)."""
+    if cython.compiled:
+        v = cython.declare(cython.ushort)
+        memcpy(cython.address(v), cython.address(buf[off]), 2)
+        return v
+    return _U16.unpack_from(buf, off)[0]
 
 
 @cython.cfunc
@@ -415,7 +428,7 @@ class Server:
             payload = _bytes(buf, HEADER_SIZE, end)
             audit = audited[code]
             if audit == AUDIT_IF_WRITING:  # OPEN at "mutations": only when it writes
-                audit = AUDIT_ALWAYS if _open_writes(payload) else AUDIT_NEVER
+                audit = AUDIT_ALWAYS if _open_writes(buf, size) else AUDIT_NEVER
             started = clock() if audit else 0
             try:
                 result = handlers[code](payload)
@@ -425,12 +438,19 @@ class Server:
                 result = None
                 stats.errors += 1
                 self._refusal = _refusal_kind(e, self._readonly)
-            if code in (T_OPEN, T_CREATE):
-                self._send_fd_reply(sock, result, err)
+            # Everything is built before REPLY_READY is stored: from that store to the
+            # system call is the one window where the master cannot tell sent from unsent.
+            if code in (T_OPEN, T_CREATE) and not err:
+                try:
+                    fields[PHASE] = REPLY_READY
+                    _send_fd(sock, fd, result)
+                finally:
+                    os.close(result)  # the client has its own copy (or none: not sent)
             else:
                 if err:
-                    result = p.encode_error(err)
-                fields[PHASE] = REPLY_READY  # then at once the send: see _send_fd_reply
+                    is_fd = code in (T_OPEN, T_CREATE)
+                    result = p.encode_fd_reply(-err) if is_fd else p.encode_error(err)
+                fields[PHASE] = REPLY_READY
                 _send_all(sock, fd, result)
             logged = audit or (err and self._refusal)
 
@@ -450,22 +470,6 @@ class Server:
             fields[PHASE] = RECEIVING
             if logged:
                 self._audit(code, payload, err, started, audit)
-
-    def _send_fd_reply(self, sock: socket.socket, fd: int | None, err: int) -> None:
-        # Everything is built before REPLY_READY is stored: from that store to the
-        # system call is the one window where the master cannot tell sent from unsent.
-        fields = self._slot.fields
-        if err:
-            reply = p.encode_fd_reply(-err)
-            fields[slot.PHASE] = slot.REPLY_READY
-            _send_all(sock, sock.fileno(), reply)
-            return
-        assert fd is not None
-        try:
-            fields[slot.PHASE] = slot.REPLY_READY
-            _send_fd(sock, fd)
-        finally:
-            os.close(fd)  # the client has its own copy now (or none, if sending failed)
 
     def _audit(self, code: int, payload: bytes, err: int, started: int, audit: int) -> None:
         """The audit event of one request (after its reply went out: off the latency).
@@ -515,22 +519,21 @@ def _refusal_kind(e: Exception, readonly: bool) -> str | None:
 
 AUDIT_NEVER, AUDIT_ALWAYS, AUDIT_IF_WRITING = 0, 1, 2
 
-_WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+_WRITING = cython.declare(
+    cython.uint, os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+)
 
 
-_U16 = struct.Struct("=H")
-_D = struct.Struct("=i")
-
-
-def _open_writes(payload: bytes) -> bool:
-    """Whether an OPEN payload asks for writing (a malformed one counts as writing:
-    it gets its audit event)."""
-    if len(payload) < 2:
+@cython.cfunc
+def _open_writes(buf: cython.uchar[::1], size: cython.Py_ssize_t) -> cython.bint:
+    """Whether the OPEN request of `size` payload bytes in `buf` asks for writing (a
+    malformed one counts as writing: it gets its audit event)."""
+    if size < 2:
         return True
-    (n,) = _U16.unpack_from(payload)
-    if len(payload) < 2 + n + 4:
+    n: cython.Py_ssize_t = _u16(buf, p.HEADER_SIZE)  # the path's length
+    if size < 2 + n + 4:
         return True
-    return bool(_D.unpack_from(payload, 2 + n)[0] & _WRITING)
+    return (_u32(buf, p.HEADER_SIZE + 2 + n) & _WRITING) != 0
 
 
 def audited_codes(audit: str) -> list[int]:
