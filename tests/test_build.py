@@ -3,10 +3,12 @@ of them, and a clear install error where no C compiler is found (setup.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import importlib.util
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -19,7 +21,19 @@ import pytest
 import proxyd.ops
 import proxyd.protocol
 import proxyd.server
-from tests.proxyclient import CHECKOUT
+from proxyd import log, privileges
+from proxyd.recovery import SIOCOUTQ, queued
+from tests.daemon import wait_until
+from tests.proxyclient import (
+    CHECKOUT,
+    HEADER,
+    LGETXATTR,
+    LSTAT,
+    OPEN,
+    READLINK,
+    pack_d,
+    pack_s,
+)
 
 COMPILED = [proxyd.protocol, proxyd.ops, proxyd.server]
 
@@ -104,6 +118,7 @@ def interpreted(module: ModuleType) -> ModuleType:
     source = Path(module.__file__).with_name(module.__name__.rsplit(".", 1)[1] + ".py")
     spec = importlib.util.spec_from_file_location(f"interpreted_{source.stem}", source)
     loaded = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = loaded  # a dataclass looks its module up there
     spec.loader.exec_module(loaded)
     assert loaded.cython.compiled is False
     return loaded
@@ -172,3 +187,68 @@ def test_interpreted_decoders_answer_as_the_compiled_ones() -> None:
         (2**64 - 1,) * 3 + (2**32 - 1,) * 3 + (2**64 - 1,) + (2**63 - 1,) * 3 + (-(2**63),) * 6,
     ):
         assert proxyd.protocol.encode_stat(values) == source.encode_stat(values)
+
+
+def serve_in_child(server_class: type, export: Path) -> tuple[socket.socket, int]:
+    """A child chrooted into `export` serving one connection with `server_class`:
+    the client's end of the connection and the child's pid."""
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            ours.close()
+            log.configure("json", "warning", fd=os.open("/dev/null", os.O_WRONLY))
+            os.chroot(export)
+            os.chdir("/")
+            ops = proxyd.ops.ExportOps(privileges.Credentials(), False)
+            server_class(ops, log.get(role="worker"), audit="all").serve(theirs)
+            code = 0
+        finally:
+            os._exit(code)
+    theirs.close()
+    return ours, pid
+
+
+def test_interpreted_server_answers_as_the_compiled_one(tmp_path: Path) -> None:
+    """The serving loop run from server.py by the interpreter (memoryviews, the socket's
+    methods) gives byte for byte the replies of the compiled one (C stores, libc)."""
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "file").write_bytes(b"data")
+    (export / "link").symlink_to("file")
+    os.setxattr(export / "file", "user.tag", b"value")
+    os.mkfifo(export / "fifo")
+
+    def request(code: int, payload: bytes) -> bytes:
+        return HEADER.pack(code, len(payload)) + payload
+
+    lstat = request(LSTAT, pack_s("/file"))
+    before_split = [
+        lstat,
+        request(LSTAT, pack_s("/missing")),
+        request(READLINK, pack_s("/link") + pack_d(3)),
+        request(LGETXATTR, pack_d(0) + pack_s("/file") + pack_s("user.tag")),
+        request(OPEN, pack_s("/fifo") + pack_d(os.O_RDONLY)),
+        request(LSTAT, b"\0"),  # too short: ENOBUFS, the connection goes on
+        lstat + lstat,  # pipelined: two requests in one write
+        lstat[:5],  # then a request in two pieces
+    ]
+    after_split = [lstat[5:], HEADER.pack(99, 0)]  # an unknown code closes the connection
+    replies = []
+    for server_class in (proxyd.server.Server, interpreted(proxyd.server).Server):
+        sock, pid = serve_in_child(server_class, export)
+        sock.settimeout(10)
+        sock.sendall(b"".join(before_split))
+        # The first piece is taken before the second is sent.
+        wait_until(lambda sock=sock: queued(sock, SIOCOUTQ) == 0, timeout=10)
+        sock.sendall(b"".join(after_split))
+        stream = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                stream += chunk
+        sock.close()
+        assert os.waitpid(pid, 0)[1] == 0
+        replies.append(stream)
+    assert replies[0] == replies[1]
+    assert replies[0].startswith(HEADER.pack(0, 116)) and replies[0].count(HEADER.pack(0, 116)) == 4
