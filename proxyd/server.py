@@ -47,6 +47,9 @@ Handler = Callable[[bytes], Any]
 _SCM_RIGHTS = socket.SCM_RIGHTS
 _SOL_SOCKET = socket.SOL_SOCKET
 _U32 = struct.Struct("=I")
+_FD_VALID = cython.declare(cython.int, p.FD_VALID)
+_PHASE = cython.declare(cython.Py_ssize_t, slot.PHASE)
+_REPLY_READY = cython.declare(cython.uint, slot.REPLY_READY)
 _U16 = struct.Struct("=H")
 _FD_VALID_BUFFERS = [p.FD_REPLY_VALID]
 
@@ -162,11 +165,15 @@ def _send_all(sock: socket.socket, fd: cython.int, reply: bytes) -> cython.int:
 
 
 @cython.cfunc
-def _send_fd(sock: socket.socket, conn: cython.int, fd: cython.int) -> cython.int:
-    """sendmsg(2) on `conn` of the fd reply FD_VALID with `fd` as SCM_RIGHTS. Raises
-    OSError."""
+@cython.boundscheck(False)
+def _send_fd(
+    sock: socket.socket, conn: cython.int, fd: cython.int, fields: cython.uint[::1]
+) -> cython.int:
+    """The fd reply: FD_VALID with `fd` as SCM_RIGHTS, by sendmsg(2) on `conn`. The
+    message is built first; then REPLY_READY is stored in the journal and at once the
+    call made. Raises OSError."""
     if cython.compiled:
-        value: cython.int = p.FD_VALID
+        value: cython.int = _FD_VALID
         iov = cython.declare(iovec)
         msg = cython.declare(msghdr)
         control = cython.declare(cython.char[64])  # >= CMSG_SPACE(sizeof(int))
@@ -183,12 +190,15 @@ def _send_fd(sock: socket.socket, conn: cython.int, fd: cython.int) -> cython.in
         cmsg.cmsg_type = SCM_RIGHTS
         cmsg.cmsg_len = CMSG_LEN(cython.sizeof(cython.int))
         memcpy(CMSG_DATA(cmsg), cython.address(fd), cython.sizeof(cython.int))
+        fields[_PHASE] = _REPLY_READY
         while sendmsg(conn, cython.address(msg), MSG_NOSIGNAL) < 0:
             err = c_errno
             if err != EINTR:
                 raise OSError(err, os.strerror(err))
         return 0
-    sock.sendmsg(_FD_VALID_BUFFERS, [(_SOL_SOCKET, _SCM_RIGHTS, p.FD_REPLY.pack(fd))])
+    rights = [(_SOL_SOCKET, _SCM_RIGHTS, p.FD_REPLY.pack(fd))]
+    fields[_PHASE] = _REPLY_READY
+    sock.sendmsg(_FD_VALID_BUFFERS, rights)
     return 0
 
 
@@ -442,8 +452,7 @@ class Server:
             # system call is the one window where the master cannot tell sent from unsent.
             if code in (T_OPEN, T_CREATE) and not err:
                 try:
-                    fields[PHASE] = REPLY_READY
-                    _send_fd(sock, fd, result)
+                    _send_fd(sock, fd, result, fields)  # stores REPLY_READY, then sends
                 finally:
                     os.close(result)  # the client has its own copy (or none: not sent)
             else:
