@@ -1,8 +1,9 @@
 """Serving one proxy connection inside the export: the per-request path.
 
-The hot path per request is one recv_into a preallocated buffer (header and payload
-usually arrive together), the operation, and one send of the whole reply. Decoding
-works on a memoryview of that buffer; dispatch is a list indexed by request code.
+The hot path per request is one recv into the journal's request buffer (header and
+payload usually arrive together), the operation, and one send of the whole reply;
+dispatch is a list indexed by request code. Compiled by setup.py (Cython, pure Python
+mode): this file is the only source, run by the interpreter where it is not compiled.
 """
 
 from __future__ import annotations
@@ -46,12 +47,13 @@ Handler = Callable[[bytes], Any]
 
 _SCM_RIGHTS = socket.SCM_RIGHTS
 _SOL_SOCKET = socket.SOL_SOCKET
+_FD_VALID_BUFFERS = [p.FD_REPLY_VALID]
+_U16 = struct.Struct("=H")
 _U32 = struct.Struct("=I")
+# C constants when compiled (no lookups on the way to a send), plain ints interpreted.
 _FD_VALID = cython.declare(cython.int, p.FD_VALID)
 _PHASE = cython.declare(cython.Py_ssize_t, slot.PHASE)
 _REPLY_READY = cython.declare(cython.uint, slot.REPLY_READY)
-_U16 = struct.Struct("=H")
-_FD_VALID_BUFFERS = [p.FD_REPLY_VALID]
 
 
 def _data_or_length(value: int | bytes) -> bytes:
