@@ -24,6 +24,19 @@ import stat
 import sys
 from typing import Any
 
+import cython
+
+if cython.compiled:
+    from cython.cimports.libc.errno import EINTR
+    from cython.cimports.libc.errno import errno as c_errno
+    from cython.cimports.posix.fcntl import open as c_open
+    from cython.cimports.posix.stat import fstat as c_fstat
+    from cython.cimports.posix.stat import lstat as c_lstat
+    from cython.cimports.posix.stat import stat as c_stat
+    from cython.cimports.posix.stat import struct_stat
+    from cython.cimports.posix.unistd import readlink as c_readlink
+    from cython.cimports.proxyd._libc import lgetxattr as c_lgetxattr
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 AT_FDCWD = -100
@@ -42,8 +55,21 @@ GETVERSION_FILESYSTEMS = {
 # Flags added to every real open: never acquire a controlling terminal, never leak
 # into a child. Not O_NONBLOCK: it would turn a host lease or delegation (Samba
 # oplocks, knfsd) into EWOULDBLOCK where open(2) waits for the lease to be broken.
-_SAFE_OPEN = os.O_NOCTTY | os.O_CLOEXEC
+_SAFE_OPEN = cython.declare(cython.int, os.O_NOCTTY | os.O_CLOEXEC)
 _O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY  # __O_TMPFILE
+
+# What the frequent requests test, as C constants when compiled (no attribute lookups).
+_O_PATH = cython.declare(cython.int, os.O_PATH)
+_O_NOFOLLOW = cython.declare(cython.int, os.O_NOFOLLOW)
+_O_CREAT = cython.declare(cython.int, os.O_CREAT)
+_O_TMPFILE = cython.declare(cython.int, os.O_TMPFILE)
+_S_IFMT = cython.declare(cython.uint, 0o170000)
+_S_IFREG = cython.declare(cython.uint, stat.S_IFREG)
+_S_IFDIR = cython.declare(cython.uint, stat.S_IFDIR)
+_S_IFIFO = cython.declare(cython.uint, stat.S_IFIFO)
+_S_IFSOCK = cython.declare(cython.uint, stat.S_IFSOCK)
+_S_IFCHR = cython.declare(cython.uint, stat.S_IFCHR)
+_S_IFBLK = cython.declare(cython.uint, stat.S_IFBLK)
 
 
 class SpecialFileRefused(OSError):
@@ -67,13 +93,20 @@ def _type_name(mode: int) -> str:
     return "unknown"
 
 
-def _servable(mode: int) -> bool:
-    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+@cython.cfunc
+@cython.inline
+def _servable(mode: cython.uint) -> cython.bint:
+    """A regular file or a directory."""
+    kind: cython.uint = mode & _S_IFMT
+    return kind in (_S_IFREG, _S_IFDIR)
 
 
-def _special(mode: int) -> bool:
+@cython.cfunc
+@cython.inline
+def _special(mode: cython.uint) -> cython.bint:
     """A FIFO, socket or device: a file whose open(2) runs more than the filesystem."""
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+    kind: cython.uint = mode & _S_IFMT
+    return kind in (_S_IFIFO, _S_IFSOCK, _S_IFCHR, _S_IFBLK)
 
 
 def _open_error_before_special_open(flags: int) -> int:
@@ -102,6 +135,88 @@ def _open_error_before_special_open(flags: int) -> int:
 def _uid(value: int) -> int:
     """A wire `d` id as the kernel sees it: -1 means "unchanged", others are u32."""
     return value if value == -1 else value & 0xFFFFFFFF
+
+
+# --- system calls --------------------------------------------------------------------
+#
+# Compiled (setup.py), the calls the frequent requests make go to libc directly: no
+# os.stat_result to build and take apart, no argument parsing. Interpreted, os makes
+# the same calls. Either way: the same system call, the same errno in an OSError.
+
+_PATH_MAX = 4096  # what os.readlink reads at most (MAXPATHLEN)
+_XATTR_SIZE_MAX = 65536  # the largest value the kernel stores (linux/limits.h)
+
+
+@cython.cfunc
+def _raise_oserror(err: cython.int, path: bytes | None) -> cython.int:
+    raise OSError(err, os.strerror(err), path)
+
+
+@cython.cfunc
+def _stat_mode(path: bytes, follow: cython.bint) -> cython.uint:
+    """st_mode of stat(2), or of lstat(2) when not `follow`. Raises OSError."""
+    if cython.compiled:
+        st = cython.declare(struct_stat)
+        ret = c_stat(path, cython.address(st)) if follow else c_lstat(path, cython.address(st))
+        if ret != 0:
+            _raise_oserror(c_errno, path)
+        return st.st_mode
+    return os.stat(path, follow_symlinks=follow).st_mode
+
+
+@cython.cfunc
+def _fstat_mode(fd: cython.int) -> cython.uint:
+    """st_mode of fstat(2) on `fd`. Raises OSError."""
+    if cython.compiled:
+        st = cython.declare(struct_stat)
+        if c_fstat(fd, cython.address(st)) != 0:
+            _raise_oserror(c_errno, None)
+        return st.st_mode
+    return os.fstat(fd).st_mode
+
+
+@cython.cfunc
+def _sys_open(path: bytes, flags: cython.int, mode: cython.int) -> cython.int:
+    """open(2) (openat(AT_FDCWD)), retried on EINTR as os.open. Raises OSError."""
+    if cython.compiled:
+        while True:
+            fd: cython.int = c_open(path, flags, mode)
+            if fd >= 0:
+                return fd
+            err = c_errno
+            if err != EINTR:
+                _raise_oserror(err, path)
+    return os.open(path, flags, mode)
+
+
+if cython.compiled:
+    _xattr_value = cython.declare(cython.char[65536])  # _XATTR_SIZE_MAX
+
+
+@cython.cfunc
+def _lgetxattr(path: bytes, name: bytes, limit: cython.Py_ssize_t) -> bytes:
+    """lgetxattr(2) into a buffer of `limit` bytes (1 to _XATTR_SIZE_MAX): the value,
+    ERANGE when it is longer. The kernel allocates what it is asked for: no more."""
+    if cython.compiled:
+        n = c_lgetxattr(path, name, _xattr_value, limit)
+        if n < 0:
+            _raise_oserror(c_errno, path)
+        return _xattr_value[:n]
+    value = os.getxattr(path, name, follow_symlinks=False)
+    if len(value) > limit:
+        _raise_oserror(errno.ERANGE, path)
+    return value
+
+
+@cython.cfunc
+def _lgetxattr_size(path: bytes, name: bytes) -> cython.Py_ssize_t:
+    """lgetxattr(2) with size 0: the value's length."""
+    if cython.compiled:
+        n = c_lgetxattr(path, name, cython.NULL, 0)
+        if n < 0:
+            _raise_oserror(c_errno, path)
+        return n
+    return len(os.getxattr(path, name, follow_symlinks=False))
 
 
 class _Timespec(ctypes.Structure):
@@ -161,14 +276,14 @@ def _open(path: bytes, flags: int, mode: int = 0) -> int:
     the lookup's errno). Any other EACCES is open(2)'s own.
     """
     try:
-        return os.open(path, flags | _SAFE_OPEN, mode)
+        return _sys_open(path, flags | _SAFE_OPEN, mode)
     except PermissionError:
         try:
-            st = os.stat(path, follow_symlinks=not flags & os.O_NOFOLLOW)
-        except OSError as now:
-            raise now from None
-        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-            raise SpecialFileRefused(path, st.st_mode) from None
+            now = _stat_mode(path, not flags & _O_NOFOLLOW)
+        except OSError as e:
+            raise e from None
+        if stat.S_ISCHR(now) or stat.S_ISBLK(now):
+            raise SpecialFileRefused(path, now) from None
         raise
 
 
@@ -192,24 +307,24 @@ class ExportOps:
         # check of the descriptor suffice. Otherwise look first, so that a FIFO or a
         # device is never opened; what is not there, or is a regular file, a directory
         # or a symlink, open(2) answers itself.
-        if not flags & os.O_PATH:
+        if not flags & _O_PATH:
             try:
-                st = os.stat(path, follow_symlinks=not flags & os.O_NOFOLLOW)
+                found = _stat_mode(path, not flags & _O_NOFOLLOW)
             except OSError:
                 pass
             else:
-                if _special(st.st_mode):
+                if _special(found):
                     err = _open_error_before_special_open(flags)
                     if err:
                         raise OSError(err, os.strerror(err), path)
-                    raise SpecialFileRefused(path, st.st_mode)
+                    raise SpecialFileRefused(path, found)
         fd = _open(path, flags, mode)
         try:
             # Look again at what was really opened: the path may have been swapped, and
             # an O_PATH descriptor may be of anything.
-            st = os.fstat(fd)
-            if not _servable(st.st_mode):
-                raise SpecialFileRefused(path, st.st_mode)
+            opened = _fstat_mode(fd)
+            if not _servable(opened):
+                raise SpecialFileRefused(path, opened)
         except BaseException:
             os.close(fd)
             raise
@@ -217,7 +332,7 @@ class ExportOps:
 
     def open(self, path: bytes, flags: int) -> int:
         """OPEN: a descriptor for an existing file or directory."""
-        if flags & os.O_CREAT or flags & os.O_TMPFILE == os.O_TMPFILE:
+        if flags & _O_CREAT or flags & _O_TMPFILE == _O_TMPFILE:
             # OPEN carries no mode (the reference would use stack garbage): CREATE is
             # the request that creates.
             raise OSError(errno.EINVAL, "OPEN cannot create files; use CREATE", path)
@@ -247,13 +362,60 @@ class ExportOps:
     def link(self, oldpath: bytes, newpath: bytes) -> None:
         os.link(oldpath, newpath, follow_symlinks=False)  # link(2) does not follow
 
-    def lstat(self, path: bytes) -> os.stat_result:
-        return os.lstat(path)
+    def lstat(self, path: bytes) -> tuple:
+        """lstat(2) as the reference reports it: st_dev, st_ino, st_nlink, st_mode,
+        st_uid, st_gid, st_rdev, st_size, st_blksize, st_blocks, then (seconds,
+        nanoseconds) of st_atim, st_mtim, st_ctim."""
+        if cython.compiled:
+            st = cython.declare(struct_stat)
+            if c_lstat(path, cython.address(st)) != 0:
+                _raise_oserror(c_errno, path)
+            return (
+                st.st_dev,
+                st.st_ino,
+                st.st_nlink,
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+                st.st_rdev,
+                st.st_size,
+                st.st_blksize,
+                st.st_blocks,
+                st.st_atim.tv_sec,
+                st.st_atim.tv_nsec,
+                st.st_mtim.tv_sec,
+                st.st_mtim.tv_nsec,
+                st.st_ctim.tv_sec,
+                st.st_ctim.tv_nsec,
+            )
+        s = os.lstat(path)
+        a, m, c = s.st_atime_ns, s.st_mtime_ns, s.st_ctime_ns
+        return (
+            s.st_dev,
+            s.st_ino,
+            s.st_nlink,
+            s.st_mode,
+            s.st_uid,
+            s.st_gid,
+            s.st_rdev,
+            s.st_size,
+            s.st_blksize,
+            s.st_blocks,
+            *divmod(a, 1_000_000_000),
+            *divmod(m, 1_000_000_000),
+            *divmod(c, 1_000_000_000),
+        )
 
     def readlink(self, path: bytes, bufsize: int) -> bytes:
         """The target, cut to bufsize - 1 bytes as readlink(2) into that buffer."""
         if bufsize < 2:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+        if cython.compiled:
+            target = cython.declare(cython.char[4096])  # _PATH_MAX
+            n = c_readlink(path, target, _PATH_MAX)
+            if n < 0:
+                _raise_oserror(c_errno, path)
+            return target[: min(n, bufsize - 1)]
         return os.readlink(path)[: bufsize - 1]
 
     def statfs(self, path: bytes) -> tuple[int, ...]:
@@ -291,15 +453,13 @@ class ExportOps:
     # --- extended attributes -----------------------------------------------------------
 
     def lgetxattr(self, size: int, path: bytes, name: bytes) -> int | bytes:
-        """The value, or with size 0 its length. Never allocates `size` bytes."""
+        """The value, or with size 0 its length; ERANGE when the value is longer than
+        `size`. Never allocates `size` bytes: no value is longer than _XATTR_SIZE_MAX."""
         if size < 0:
             raise OSError(errno.EINVAL, "negative buffer size", path)
-        value = os.getxattr(path, name, follow_symlinks=False)
         if size == 0:
-            return len(value)
-        if len(value) > size:
-            raise OSError(errno.ERANGE, os.strerror(errno.ERANGE), path)
-        return value
+            return _lgetxattr_size(path, name)
+        return _lgetxattr(path, name, min(size, _XATTR_SIZE_MAX))
 
     def llistxattr(self, size: int, path: bytes) -> int | bytes:
         """The NUL-separated name list, or with size 0 its length."""
@@ -327,14 +487,14 @@ class ExportOps:
         """FS_IOC_GETVERSION, 0 on filesystems without generations (as the reference)."""
         if not self._generations:
             return 0
-        st = os.stat(path)
-        if not _servable(st.st_mode):
-            raise SpecialFileRefused(path, st.st_mode)
+        found = _stat_mode(path, True)
+        if not _servable(found):
+            raise SpecialFileRefused(path, found)
         fd = _open(path, os.O_RDONLY)
         try:
-            st = os.fstat(fd)
-            if not _servable(st.st_mode):
-                raise SpecialFileRefused(path, st.st_mode)
+            opened = _fstat_mode(fd)
+            if not _servable(opened):
+                raise SpecialFileRefused(path, opened)
             buf = bytearray(8)
             fcntl.ioctl(fd, FS_IOC_GETVERSION, buf)
         finally:

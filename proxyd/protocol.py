@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import Any, NamedTuple
+from typing import NamedTuple
+
+import cython
+
+if cython.compiled:
+    from cython.cimports.cpython.bytes import PyBytes_AS_STRING, PyBytes_FromStringAndSize
+    from cython.cimports.libc.string import memcpy
 
 HEADER = struct.Struct("=II")  # type, size
 HEADER_SIZE = HEADER.size
@@ -52,9 +58,6 @@ DATA = "data"  # header + payload, or header + d(-errno)
 _D = struct.Struct("=i")
 _Q = struct.Struct("=q")
 _U16 = struct.Struct("=H")
-_DD = struct.Struct("=ii")
-_DQ = struct.Struct("=iq")
-_QQQQ = struct.Struct("=qqqq")
 
 STATUS_REPLY = struct.Struct("=IIi")  # header + d, one pack
 FD_REPLY = _D
@@ -129,25 +132,68 @@ def check_header(type_: int, size: int) -> None:
 
 # --- decoding ------------------------------------------------------------------
 #
-# Each decoder takes the payload (bytes after the header, as bytes or memoryview)
-# and returns a tuple of the fields in wire order, strings as bytes. A field that
-# runs past the end raises MalformedRequest. Trailing bytes are ignored, as the
-# reference does.
+# Each decoder takes the payload (the bytes after the header) and returns a tuple of
+# the fields in wire order, strings as bytes. A field that runs past the end raises
+# MalformedRequest. Trailing bytes are ignored, as the reference does.
+#
+# Compiled (setup.py), the fixed-size fields are copied straight out of the bytes
+# object; interpreted, struct reads them. Both read host byte order.
 
 
-def _string(buf: Any, off: int) -> tuple[bytes, int]:
-    end = len(buf)
+@cython.cfunc
+@cython.inline
+def _i32(buf: bytes, off: cython.Py_ssize_t) -> cython.long:
+    """The `d` at `off` (the caller has checked that it is there)."""
+    if cython.compiled:
+        v = cython.declare(cython.int)
+        memcpy(cython.address(v), cython.cast(cython.p_char, buf) + off, 4)
+        return v
+    return _D.unpack_from(buf, off)[0]
+
+
+@cython.cfunc
+@cython.inline
+def _i64(buf: bytes, off: cython.Py_ssize_t) -> cython.longlong:
+    """The `q` at `off` (the caller has checked that it is there)."""
+    if cython.compiled:
+        v = cython.declare(cython.longlong)
+        memcpy(cython.address(v), cython.cast(cython.p_char, buf) + off, 8)
+        return v
+    return _Q.unpack_from(buf, off)[0]
+
+
+@cython.cfunc
+@cython.inline
+def _u16(buf: bytes, off: cython.Py_ssize_t) -> cython.Py_ssize_t:
+    """A string's length at `off` (the caller has checked that it is there)."""
+    if cython.compiled:
+        v = cython.declare(cython.ushort)
+        memcpy(cython.address(v), cython.cast(cython.p_char, buf) + off, 2)
+        return v
+    return _U16.unpack_from(buf, off)[0]
+
+
+@cython.cfunc
+def _need(buf: bytes, off: cython.Py_ssize_t, size: cython.Py_ssize_t) -> cython.int:
+    if off + size > len(buf):
+        raise MalformedRequest("payload too short for its request type")
+    return 0
+
+
+@cython.cfunc
+def _string(buf: bytes, off: cython.Py_ssize_t) -> tuple:
+    end: cython.Py_ssize_t = len(buf)
     if off + 2 > end:
         raise MalformedRequest("string length runs past the payload")
-    (n,) = _U16.unpack_from(buf, off)
+    n: cython.Py_ssize_t = _u16(buf, off)
     off += 2
     if off + n > end:
         raise MalformedRequest(f"string of {n} bytes runs past the payload")
-    return bytes(buf[off : off + n]), off + n
+    return buf[off : off + n], off + n
 
 
-def _path(buf: Any, off: int) -> tuple[bytes, int]:
-    s, off = _string(buf, off)
+@cython.cfunc
+def _checked_path(s: bytes) -> bytes:
     if b"\0" in s:
         # QEMU counts the C string's terminating NUL in the length of the paths it
         # looks up ("/\0"): that is the end of the path. A NUL with more after it is
@@ -155,120 +201,125 @@ def _path(buf: Any, off: int) -> tuple[bytes, int]:
         s = s.rstrip(b"\0")
         if b"\0" in s:
             raise NulInPath("path or name contains a NUL byte")
-    return s, off
+    return s
 
 
-def _fixed(st: struct.Struct, buf: Any, off: int) -> tuple[tuple, int]:
-    if off + st.size > len(buf):
-        raise MalformedRequest("payload too short for its request type")
-    return st.unpack_from(buf, off), off + st.size
+@cython.cfunc
+def _path(buf: bytes, off: cython.Py_ssize_t) -> tuple:
+    s, off = _string(buf, off)
+    return _checked_path(s), off
 
 
-def decode_path(buf: Any) -> tuple[bytes]:
+def decode_path(buf: bytes) -> tuple[bytes]:
     """LSTAT, STATFS, REMOVE, GETVERSION: `s path`. (_path inlined: LSTAT is the most
     frequent request of all.)"""
     if len(buf) < 2:
         raise MalformedRequest("string length runs past the payload")
-    (n,) = _U16.unpack_from(buf)
+    n: cython.Py_ssize_t = _u16(buf, 0)
     if n + 2 > len(buf):
         raise MalformedRequest(f"string of {n} bytes runs past the payload")
-    path = bytes(buf[2 : 2 + n])
-    if b"\0" in path:
-        path = path.rstrip(b"\0")  # QEMU's C terminator; see _path
-        if b"\0" in path:
-            raise NulInPath("path or name contains a NUL byte")
-    return (path,)
+    return (_checked_path(buf[2 : 2 + n]),)
 
 
-def decode_path_int(buf: Any) -> tuple[bytes, int]:
+def decode_path_int(buf: bytes) -> tuple[bytes, int]:
     """OPEN (`s path, d flags`), READLINK (`s path, d bufsize`), CHMOD (`s path, d mode`)."""
+    off: cython.Py_ssize_t
     path, off = _path(buf, 0)
-    (value,), _ = _fixed(_D, buf, off)
-    return path, value
+    _need(buf, off, 4)
+    return path, _i32(buf, off)
 
 
-def decode_two_paths(buf: Any) -> tuple[bytes, bytes]:
+def decode_two_paths(buf: bytes) -> tuple[bytes, bytes]:
     """LINK, RENAME (`s old, s new`), LREMOVEXATTR (`s path, s name`)."""
+    off: cython.Py_ssize_t
     a, off = _path(buf, 0)
     b, _ = _path(buf, off)
     return a, b
 
 
-def decode_create(buf: Any) -> tuple[bytes, int, int, int, int]:
+def decode_create(buf: bytes) -> tuple[bytes, int, int, int, int]:
     """CREATE: `s path, d flags, d mode, d uid, d gid`."""
+    off: cython.Py_ssize_t
     path, off = _path(buf, 0)
-    (flags, mode), off = _fixed(_DD, buf, off)
-    (uid, gid), _ = _fixed(_DD, buf, off)
-    return path, flags, mode, uid, gid
+    _need(buf, off, 16)
+    return path, _i32(buf, off), _i32(buf, off + 4), _i32(buf, off + 8), _i32(buf, off + 12)
 
 
-def decode_mknod(buf: Any) -> tuple[int, int, bytes, int, int]:
+def decode_mknod(buf: bytes) -> tuple[int, int, bytes, int, int]:
     """MKNOD: `d uid, d gid, s path, d mode, q rdev`."""
-    (uid, gid), off = _fixed(_DD, buf, 0)
-    path, off = _path(buf, off)
-    (mode, rdev), _ = _fixed(_DQ, buf, off)
-    return uid, gid, path, mode, rdev
+    off: cython.Py_ssize_t
+    _need(buf, 0, 8)
+    path, off = _path(buf, 8)
+    _need(buf, off, 12)
+    return _i32(buf, 0), _i32(buf, 4), path, _i32(buf, off), _i64(buf, off + 4)
 
 
-def decode_mkdir(buf: Any) -> tuple[int, int, bytes, int]:
+def decode_mkdir(buf: bytes) -> tuple[int, int, bytes, int]:
     """MKDIR: `d uid, d gid, s path, d mode`."""
-    (uid, gid), off = _fixed(_DD, buf, 0)
-    path, off = _path(buf, off)
-    (mode,), _ = _fixed(_D, buf, off)
-    return uid, gid, path, mode
+    off: cython.Py_ssize_t
+    _need(buf, 0, 8)
+    path, off = _path(buf, 8)
+    _need(buf, off, 4)
+    return _i32(buf, 0), _i32(buf, 4), path, _i32(buf, off)
 
 
-def decode_symlink(buf: Any) -> tuple[int, int, bytes, bytes]:
+def decode_symlink(buf: bytes) -> tuple[int, int, bytes, bytes]:
     """SYMLINK: `d uid, d gid, s target, s linkpath`."""
-    (uid, gid), off = _fixed(_DD, buf, 0)
-    target, off = _path(buf, off)
+    off: cython.Py_ssize_t
+    _need(buf, 0, 8)
+    target, off = _path(buf, 8)
     linkpath, _ = _path(buf, off)
-    return uid, gid, target, linkpath
+    return _i32(buf, 0), _i32(buf, 4), target, linkpath
 
 
-def decode_chown(buf: Any) -> tuple[bytes, int, int]:
+def decode_chown(buf: bytes) -> tuple[bytes, int, int]:
     """CHOWN: `s path, d uid, d gid`."""
+    off: cython.Py_ssize_t
     path, off = _path(buf, 0)
-    (uid, gid), _ = _fixed(_DD, buf, off)
-    return path, uid, gid
+    _need(buf, off, 8)
+    return path, _i32(buf, off), _i32(buf, off + 4)
 
 
-def decode_truncate(buf: Any) -> tuple[bytes, int]:
+def decode_truncate(buf: bytes) -> tuple[bytes, int]:
     """TRUNCATE: `s path, q length`."""
+    off: cython.Py_ssize_t
     path, off = _path(buf, 0)
-    (length,), _ = _fixed(_Q, buf, off)
-    return path, length
+    _need(buf, off, 8)
+    return path, _i64(buf, off)
 
 
-def decode_utime(buf: Any) -> tuple[bytes, int, int, int, int]:
+def decode_utime(buf: bytes) -> tuple[bytes, int, int, int, int]:
     """UTIME: `s path, q atime_sec, q atime_nsec, q mtime_sec, q mtime_nsec`."""
+    off: cython.Py_ssize_t
     path, off = _path(buf, 0)
-    times, _ = _fixed(_QQQQ, buf, off)
-    return (path, *times)
+    _need(buf, off, 32)
+    return path, _i64(buf, off), _i64(buf, off + 8), _i64(buf, off + 16), _i64(buf, off + 24)
 
 
-def decode_getxattr(buf: Any) -> tuple[int, bytes, bytes]:
+def decode_getxattr(buf: bytes) -> tuple[int, bytes, bytes]:
     """LGETXATTR: `d size, s path, s name`."""
-    (size,), off = _fixed(_D, buf, 0)
-    path, off = _path(buf, off)
+    off: cython.Py_ssize_t
+    _need(buf, 0, 4)
+    path, off = _path(buf, 4)
     name, _ = _path(buf, off)
-    return size, path, name
+    return _i32(buf, 0), path, name
 
 
-def decode_listxattr(buf: Any) -> tuple[int, bytes]:
+def decode_listxattr(buf: bytes) -> tuple[int, bytes]:
     """LLISTXATTR: `d size, s path`."""
-    (size,), off = _fixed(_D, buf, 0)
-    path, _ = _path(buf, off)
-    return size, path
+    _need(buf, 0, 4)
+    path, _ = _path(buf, 4)
+    return _i32(buf, 0), path
 
 
-def decode_setxattr(buf: Any) -> tuple[bytes, bytes, bytes, int, int]:
+def decode_setxattr(buf: bytes) -> tuple[bytes, bytes, bytes, int, int]:
     """LSETXATTR: `s path, s name, s value, d size, d flags` (value may hold NULs)."""
+    off: cython.Py_ssize_t
     path, off = _path(buf, 0)
     name, off = _path(buf, off)
     value, off = _string(buf, off)
-    (size, flags), _ = _fixed(_DD, buf, off)
-    return path, name, value, size, flags
+    _need(buf, off, 8)
+    return path, name, value, _i32(buf, off), _i32(buf, off + 4)
 
 
 DECODERS = {
@@ -322,32 +373,47 @@ def encode_fd_reply(value: int) -> bytes:
 
 FD_REPLY_VALID = encode_fd_reply(FD_VALID)
 
-_NS = 1_000_000_000
+
+def encode_stat(fields: tuple) -> bytes:
+    """Data reply for LSTAT from the 16 values of ops.ExportOps.lstat, in wire order
+    (STAT_REPLY; compiled, written straight into the reply: LSTAT is the most frequent
+    request of all)."""
+    if cython.compiled:
+        reply: bytes = PyBytes_FromStringAndSize(cython.NULL, 124)  # STAT_REPLY.size
+        out: cython.p_char = PyBytes_AS_STRING(reply)
+        i: cython.Py_ssize_t
+        _put_u32(out, 0, T_SUCCESS)
+        _put_u32(out, 4, 116)  # STAT.size
+        for i in range(3):  # dev ino nlink: Q
+            _put_u64(out, 8 + 8 * i, fields[i])
+        for i in range(3):  # mode uid gid: I
+            _put_u32(out, 32 + 4 * i, fields[3 + i])
+        _put_u64(out, 44, fields[6])  # rdev: Q
+        for i in range(9):  # size blksize blocks, the three (sec, nsec): q
+            _put_i64(out, 52 + 8 * i, fields[7 + i])
+        return reply
+    return STAT_REPLY.pack(T_SUCCESS, STAT.size, *fields)
 
 
-def encode_stat(st: Any) -> bytes:
-    """Data reply for LSTAT from an os.stat_result."""
-    a, m, c = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
-    return STAT_REPLY.pack(
-        T_SUCCESS,
-        STAT.size,
-        st.st_dev,
-        st.st_ino,
-        st.st_nlink,
-        st.st_mode,
-        st.st_uid,
-        st.st_gid,
-        st.st_rdev,
-        st.st_size,
-        st.st_blksize,
-        st.st_blocks,
-        a // _NS,
-        a % _NS,
-        m // _NS,
-        m % _NS,
-        c // _NS,
-        c % _NS,
-    )
+@cython.cfunc
+@cython.inline
+def _put_u32(out: cython.p_char, off: cython.Py_ssize_t, v: cython.uint) -> cython.int:
+    memcpy(out + off, cython.address(v), 4)
+    return 0
+
+
+@cython.cfunc
+@cython.inline
+def _put_u64(out: cython.p_char, off: cython.Py_ssize_t, v: cython.ulonglong) -> cython.int:
+    memcpy(out + off, cython.address(v), 8)
+    return 0
+
+
+@cython.cfunc
+@cython.inline
+def _put_i64(out: cython.p_char, off: cython.Py_ssize_t, v: cython.longlong) -> cython.int:
+    memcpy(out + off, cython.address(v), 8)
+    return 0
 
 
 _U64 = (1 << 64) - 1

@@ -1,0 +1,645 @@
+"""Serving one proxy connection inside the export: the per-request path.
+
+The hot path per request is one recv into the journal's request buffer (header and
+payload usually arrive together), the operation, and one send of the whole reply;
+dispatch is a list indexed by request code. Compiled by setup.py (Cython, pure Python
+mode): this file is the only source, run by the interpreter where it is not compiled.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import cython
+
+from proxyd import log, slot
+from proxyd import protocol as p
+from proxyd.ops import ExportOps, SpecialFileRefused
+from proxyd.slot import Slot
+
+if cython.compiled:
+    from cython.cimports.libc.errno import EAGAIN, EINTR
+    from cython.cimports.libc.errno import errno as c_errno
+    from cython.cimports.libc.string import memcpy, memset
+    from cython.cimports.proxyd._libc import (
+        CMSG_DATA,
+        CMSG_FIRSTHDR,
+        CMSG_LEN,
+        CMSG_SPACE,
+        MSG_NOSIGNAL,
+        SCM_RIGHTS,
+        SOL_SOCKET,
+        iovec,
+        msghdr,
+        recv,
+        send,
+        sendmsg,
+    )
+
+Handler = Callable[[bytes], Any]
+
+_SCM_RIGHTS = socket.SCM_RIGHTS
+_SOL_SOCKET = socket.SOL_SOCKET
+_FD_VALID_BUFFERS = [p.FD_REPLY_VALID]
+_U16 = struct.Struct("=H")
+_U32 = struct.Struct("=I")
+# C constants when compiled (no lookups on the way to a send), plain ints interpreted.
+_FD_VALID = cython.declare(cython.int, p.FD_VALID)
+_PHASE = cython.declare(cython.Py_ssize_t, slot.PHASE)
+_REPLY_READY = cython.declare(cython.uint, slot.REPLY_READY)
+
+
+def _data_or_length(value: int | bytes) -> bytes:
+    # LGETXATTR / LLISTXATTR with size 0 answer the length, else the bytes.
+    if isinstance(value, int):
+        return p.encode_status(value)
+    return p.encode_string_data(value)
+
+
+_STATUS_OK = p.encode_status(0)
+
+
+def request_handlers(ops: ExportOps) -> list[Handler | None]:
+    """Handlers indexed by request code: payload -> reply bytes (or an fd for OPEN/CREATE).
+
+    Each handler decodes its payload, runs the operation and encodes the success
+    reply; failures propagate as OSError / MalformedRequest to the serving loop.
+    """
+
+    def status(decode: Callable, op: Callable) -> Handler:
+        def handle(payload: bytes) -> bytes:
+            op(*decode(payload))
+            return _STATUS_OK
+
+        return handle
+
+    def data(decode: Callable, op: Callable, encode: Callable) -> Handler:
+        def handle(payload: bytes) -> bytes:
+            return encode(op(*decode(payload)))
+
+        return handle
+
+    def fd(decode: Callable, op: Callable) -> Handler:
+        def handle(payload: bytes) -> int:
+            return op(*decode(payload))
+
+        return handle
+
+    table: list[Handler | None] = [None] * (max(p.REQUESTS) + 1)
+    table[p.T_OPEN] = fd(p.decode_path_int, ops.open)
+    table[p.T_CREATE] = fd(p.decode_create, ops.create)
+    table[p.T_MKNOD] = status(p.decode_mknod, ops.mknod)
+    table[p.T_MKDIR] = status(p.decode_mkdir, ops.mkdir)
+    table[p.T_SYMLINK] = status(p.decode_symlink, ops.symlink)
+    table[p.T_LINK] = status(p.decode_two_paths, ops.link)
+    table[p.T_LSTAT] = data(p.decode_path, ops.lstat, p.encode_stat)
+    table[p.T_READLINK] = data(p.decode_path_int, ops.readlink, p.encode_string_data)
+    table[p.T_STATFS] = data(p.decode_path, ops.statfs, p.encode_statfs)
+    table[p.T_CHMOD] = status(p.decode_path_int, ops.chmod)
+    table[p.T_CHOWN] = status(p.decode_chown, ops.chown)
+    table[p.T_TRUNCATE] = status(p.decode_truncate, ops.truncate)
+    table[p.T_UTIME] = status(p.decode_utime, ops.utime)
+    table[p.T_RENAME] = status(p.decode_two_paths, ops.rename)
+    table[p.T_REMOVE] = status(p.decode_path, ops.remove)
+    table[p.T_LGETXATTR] = data(p.decode_getxattr, ops.lgetxattr, _data_or_length)
+    table[p.T_LLISTXATTR] = data(p.decode_listxattr, ops.llistxattr, _data_or_length)
+    table[p.T_LSETXATTR] = status(p.decode_setxattr, ops.lsetxattr)
+    table[p.T_LREMOVEXATTR] = status(p.decode_two_paths, ops.lremovexattr)
+    table[p.T_GETVERSION] = data(p.decode_path, ops.getversion, p.encode_getversion)
+    return table
+
+
+# --- the socket and the shared buffer --------------------------------------------------
+#
+# Compiled (setup.py), these are libc's recv/send/sendmsg on the connection's
+# descriptor and C loads and stores on the shared pages; interpreted, the socket's
+# methods and memoryviews do the same system calls and the same stores.
+
+
+@cython.cfunc
+@cython.boundscheck(False)
+def _recv(
+    sock: socket.socket, fd: cython.int, buf: cython.uchar[::1], have: cython.Py_ssize_t
+) -> cython.Py_ssize_t:
+    """recv(2) into buf[have:]: the bytes received (0 at EOF), or -1 when SO_RCVTIMEO
+    expired with nothing received. Raises OSError."""
+    if cython.compiled:
+        while True:
+            n = recv(fd, cython.address(buf[have]), buf.shape[0] - have, 0)
+            if n >= 0:
+                return n
+            err = c_errno
+            if err == EAGAIN:
+                return -1
+            if err != EINTR:
+                raise OSError(err, os.strerror(err))
+    try:
+        return sock.recv_into(buf[have:])
+    except BlockingIOError:
+        return -1
+
+
+@cython.cfunc
+def _send_all(sock: socket.socket, fd: cython.int, reply: bytes) -> cython.int:
+    """send(2) all of `reply`. Raises OSError: BlockingIOError when SO_SNDTIMEO expired."""
+    if cython.compiled:
+        data: cython.p_char = reply
+        left: cython.Py_ssize_t = len(reply)
+        while left > 0:
+            n = send(fd, data, left, MSG_NOSIGNAL)
+            if n >= 0:
+                data += n
+                left -= n
+                continue
+            err = c_errno
+            if err != EINTR:
+                raise OSError(err, os.strerror(err))
+        return 0
+    sock.sendall(reply)
+    return 0
+
+
+@cython.cfunc
+@cython.boundscheck(False)
+def _send_fd(
+    sock: socket.socket, conn: cython.int, fd: cython.int, fields: cython.uint[::1]
+) -> cython.int:
+    """The fd reply: FD_VALID with `fd` as SCM_RIGHTS, by sendmsg(2) on `conn`. The
+    message is built first; then REPLY_READY is stored in the journal and at once the
+    call made. Raises OSError."""
+    if cython.compiled:
+        value: cython.int = _FD_VALID
+        iov = cython.declare(iovec)
+        msg = cython.declare(msghdr)
+        control = cython.declare(cython.char[64])  # >= CMSG_SPACE(sizeof(int))
+        memset(cython.address(msg), 0, cython.sizeof(msghdr))
+        memset(control, 0, cython.sizeof(control))
+        iov.iov_base = cython.address(value)
+        iov.iov_len = 4
+        msg.msg_iov = cython.address(iov)
+        msg.msg_iovlen = 1
+        msg.msg_control = control
+        msg.msg_controllen = CMSG_SPACE(cython.sizeof(cython.int))
+        cmsg = CMSG_FIRSTHDR(cython.address(msg))
+        cmsg.cmsg_level = SOL_SOCKET
+        cmsg.cmsg_type = SCM_RIGHTS
+        cmsg.cmsg_len = CMSG_LEN(cython.sizeof(cython.int))
+        memcpy(CMSG_DATA(cmsg), cython.address(fd), cython.sizeof(cython.int))
+        fields[_PHASE] = _REPLY_READY
+        while sendmsg(conn, cython.address(msg), MSG_NOSIGNAL) < 0:
+            err = c_errno
+            if err != EINTR:
+                raise OSError(err, os.strerror(err))
+        return 0
+    rights = [(_SOL_SOCKET, _SCM_RIGHTS, p.FD_REPLY.pack(fd))]
+    fields[_PHASE] = _REPLY_READY
+    sock.sendmsg(_FD_VALID_BUFFERS, rights)
+    return 0
+
+
+@cython.cfunc
+@cython.boundscheck(False)
+def _u32(buf: cython.uchar[::1], off: cython.Py_ssize_t) -> cython.uint:
+    """The host-order u32 at buf[off:off + 4] (a header field)."""
+    if cython.compiled:
+        v = cython.declare(cython.uint)
+        memcpy(cython.address(v), cython.address(buf[off]), 4)
+        return v
+    return _U32.unpack_from(buf, off)[0]
+
+
+@cython.cfunc
+@cython.boundscheck(False)
+def _u16(buf: cython.uchar[::1], off: cython.Py_ssize_t) -> cython.uint:
+    """The host-order u16 at buf[off:off + 2] (a string's length)."""
+    if cython.compiled:
+        v = cython.declare(cython.ushort)
+        memcpy(cython.address(v), cython.address(buf[off]), 2)
+        return v
+    return _U16.unpack_from(buf, off)[0]
+
+
+@cython.cfunc
+@cython.boundscheck(False)
+def _bytes(buf: cython.uchar[::1], start: cython.Py_ssize_t, end: cython.Py_ssize_t) -> bytes:
+    """A copy of buf[start:end] (a request's payload)."""
+    if cython.compiled:
+        return cython.cast(cython.p_char, cython.address(buf[start]))[: end - start]
+    return bytes(buf[start:end])
+
+
+@cython.cfunc
+@cython.boundscheck(False)
+def _clear_header(buf: cython.uchar[::1]) -> cython.int:
+    i: cython.Py_ssize_t
+    for i in range(p.HEADER_SIZE):
+        buf[i] = 0
+    return 0
+
+
+@dataclass
+class ConnectionStats:
+    """What one connection did, for the closing log line and the master."""
+
+    requests: int = 0
+    errors: int = 0
+    reason: str = "eof"  # why serving ended: eof, released, protocol-error, stalled, ...
+    protocol_error: str | None = None
+
+
+class Released(Exception):
+    """The master asked for the connection back at a request boundary."""
+
+
+class _Stalled(Exception):
+    """The peer sent part of a request and then nothing for request_timeout."""
+
+
+# How often a worker blocked on a quiet connection looks up (SO_RCVTIMEO): to hand
+# the connection back when the master asks, and to notice a peer stalled mid-request.
+WAKE_INTERVAL = 0.5
+_WAKE_TIMEVAL = struct.pack("@ll", 0, int(WAKE_INTERVAL * 1_000_000))
+
+
+class Server:
+    """Serves proxy connections, one at a time, with one set of handlers.
+
+    The request buffer and the in-flight fields live in a Slot shared with the
+    master (a private one when there is no master), so that a crash at any point
+    leaves the master enough to answer the guest or hand the connection on.
+    `on_command` is called at a request boundary when the master has set a command
+    or a new log epoch in the slot; it may raise Released.
+    """
+
+    def __init__(
+        self,
+        ops: ExportOps,
+        log: Any,
+        slot_: Slot | None = None,
+        request_timeout: float = 30.0,
+        audit: str = "none",
+        readonly: bool = False,
+        on_command: Callable[[], None] | None = None,
+        on_log_reopen: Callable[[], None] | None = None,
+    ) -> None:
+        self._handlers = request_handlers(ops)
+        self._log = log
+        self._slot = slot_ if slot_ is not None else Slot()
+        self._stall_wakeups = max(1, round(request_timeout / WAKE_INTERVAL))
+        seconds = int(request_timeout)
+        self._send_timeval = struct.pack("@ll", seconds, int((request_timeout - seconds) * 1e6))
+        self._audited = audited_codes(audit)
+        self._readonly = readonly
+        self._on_command = on_command or (lambda: None)
+        self._on_log_reopen = on_log_reopen or (lambda: None)
+        self._refusal: str | None = None
+        self.log_epoch = 0
+
+    def set_log(self, log: Any) -> None:
+        """The logger of the next connection (bound to its id and peer)."""
+        self._log = log
+
+    def serve(self, sock: socket.socket) -> ConnectionStats:
+        """Answer requests on `sock` until EOF, a fatal protocol error or a release.
+
+        The slot may already hold the start of a request (handed on by the master
+        from a worker that died while receiving it). The master logs the closing.
+        """
+        stats = ConnectionStats()
+        sock.setsockopt(_SOL_SOCKET, socket.SO_RCVTIMEO, _WAKE_TIMEVAL)
+        # A peer that stops reading its replies must not pin the worker for ever.
+        sock.setsockopt(_SOL_SOCKET, socket.SO_SNDTIMEO, self._send_timeval)
+        try:
+            self._loop(sock, stats)
+        except Released:
+            stats.reason = "released"
+        except _Stalled:
+            stats.reason = "stalled"
+            self._log.warning("peer stalled mid-request", have=self._slot.fields[slot.HAVE])
+        except BlockingIOError:  # SO_SNDTIMEO: a reply could not be sent for that long
+            stats.reason = "peer not reading"
+            self._log.warning("peer not reading its replies")
+        except p.FatalProtocolError as e:
+            stats.reason, stats.protocol_error = "protocol error", str(e)
+            self._log.warning("protocol error", error=str(e))
+        except (ConnectionResetError, BrokenPipeError) as e:
+            stats.reason = f"peer gone: {e.strerror}"
+        except OSError as e:
+            stats.reason = f"socket error: {e.strerror}"
+        if stats.reason != "released":
+            # Released, the journal keeps saying RECEIVING with the bytes of a request
+            # that arrived as we were asked to leave: they go on with the connection.
+            self._slot.fields[slot.PHASE] = slot.IDLE
+        return stats
+
+    def _at_boundary(self) -> None:
+        fields = self._slot.fields
+        if fields[slot.COMMAND] or fields[slot.LOG_EPOCH] != self.log_epoch:
+            self._on_command()
+
+    def _receive(self, sock: socket.socket, have: int, need: int) -> int:
+        """Read until `need` bytes are in the buffer; 0 at EOF (or EOF mid-request)."""
+        buf: cython.uchar[::1] = self._slot.request
+        fields: cython.uint[::1] = self._slot.fields
+        fd: cython.int = sock.fileno()
+        quiet = 0
+        while have < need:
+            n = _recv(sock, fd, buf, have)
+            if n < 0:  # SO_RCVTIMEO expired: nothing arrived
+                if have == 0:
+                    self._at_boundary()
+                    continue
+                quiet += 1
+                if quiet >= self._stall_wakeups:
+                    raise _Stalled from None
+                continue
+            if n == 0:
+                return 0
+            have += n
+            fields[slot.HAVE] = have
+            quiet = 0
+        return have
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    def _loop(self, sock: socket.socket, stats: ConnectionStats) -> None:
+        # The hot path: the common case (a whole request arriving in one piece) is one
+        # recv, and everything else falls back to _receive. Compiled, the journal and
+        # the request buffer are C arrays over the shared pages and recv/send go to
+        # libc; interpreted, the same lines run on memoryviews and the socket methods.
+        fields: cython.uint[::1] = self._slot.fields
+        buf: cython.uchar[::1] = self._slot.request
+        handlers: list = self._handlers
+        audited: list = self._audited
+        n_codes: cython.uint = len(handlers)
+        fd: cython.int = sock.fileno()
+        receive = self._receive
+        clock = time.perf_counter_ns
+        HEADER_SIZE: cython.Py_ssize_t = p.HEADER_SIZE  # noqa: N806
+        MAX_PAYLOAD: cython.uint = p.MAX_PAYLOAD  # noqa: N806
+        PHASE: cython.Py_ssize_t = slot.PHASE  # noqa: N806
+        HAVE: cython.Py_ssize_t = slot.HAVE  # noqa: N806
+        SEQ: cython.Py_ssize_t = slot.SEQ  # noqa: N806
+        COMMAND: cython.Py_ssize_t = slot.COMMAND  # noqa: N806
+        LOG_EPOCH: cython.Py_ssize_t = slot.LOG_EPOCH  # noqa: N806
+        RECEIVING: cython.uint = slot.RECEIVING  # noqa: N806
+        EXECUTING: cython.uint = slot.EXECUTING  # noqa: N806
+        REPLY_READY: cython.uint = slot.REPLY_READY  # noqa: N806
+        T_OPEN: cython.uint = p.T_OPEN  # noqa: N806
+        T_CREATE: cython.uint = p.T_CREATE  # noqa: N806
+        code: cython.uint
+        size: cython.uint
+        end: cython.Py_ssize_t
+        n: cython.Py_ssize_t
+        err: cython.int
+        have: cython.Py_ssize_t = fields[HAVE]  # bytes already in the buffer: handed on
+        if have == 0:
+            _clear_header(buf)
+        fields[PHASE] = RECEIVING
+        seq: cython.uint = 0
+        while True:
+            if have == 0:
+                if fields[COMMAND] or fields[LOG_EPOCH] != self.log_epoch:
+                    self._on_command()
+                n = _recv(sock, fd, buf, 0)
+                if n < 0:  # SO_RCVTIMEO: a quiet connection's wake-up
+                    have = receive(sock, 0, HEADER_SIZE)
+                else:
+                    have = n
+                    fields[HAVE] = have
+                if have == 0:
+                    return
+                if fields[COMMAND]:  # asked to leave while waiting: the request goes too
+                    self._on_command()
+            if have < HEADER_SIZE:
+                have = receive(sock, have, HEADER_SIZE)
+                if have == 0:
+                    return
+            code = _u32(buf, 0)
+            size = _u32(buf, 4)
+            if size > MAX_PAYLOAD or code >= n_codes or handlers[code] is None:
+                p.check_header(code, size)  # raises, saying which
+            end = HEADER_SIZE + size
+            if have < end:
+                have = receive(sock, have, end)
+                if have == 0:
+                    stats.reason = "eof mid-request"
+                    return
+
+            seq += 1
+            fields[SEQ] = seq
+            fields[PHASE] = EXECUTING
+            stats.requests += 1
+            payload = _bytes(buf, HEADER_SIZE, end)
+            audit = audited[code]
+            if audit == AUDIT_IF_WRITING:  # OPEN at "mutations": only when it writes
+                audit = AUDIT_ALWAYS if _open_writes(buf, size) else AUDIT_NEVER
+            started = clock() if audit else 0
+            try:
+                result = handlers[code](payload)
+                err = 0
+            except Exception as e:
+                err = self._errno_of(code, e)
+                result = None
+                stats.errors += 1
+                self._refusal = _refusal_kind(e, self._readonly)
+            # Everything is built before REPLY_READY is stored: from that store to the
+            # system call is the one window where the master cannot tell sent from unsent.
+            if code in (T_OPEN, T_CREATE) and not err:
+                try:
+                    _send_fd(sock, fd, result, fields)  # stores REPLY_READY, then sends
+                finally:
+                    os.close(result)  # the client has its own copy (or none: not sent)
+            else:
+                if err:
+                    is_fd = code in (T_OPEN, T_CREATE)
+                    result = p.encode_fd_reply(-err) if is_fd else p.encode_error(err)
+                fields[PHASE] = REPLY_READY
+                _send_all(sock, fd, result)
+            logged = audit or (err and self._refusal)
+
+            # Back to a request boundary at once (the master's view of a death is
+            # exact again). Clear the header before saying RECEIVING, so that a header
+            # the master finds there was really just received. The audit line comes
+            # after: the payload was copied out, only the header was cleared.
+            have -= end
+            if have:  # a client that did not wait for its reply: keep the rest
+                if logged:
+                    self._audit(code, payload, err, started, audit)
+                    logged = False
+                buf[:have] = buf[end : end + have]
+            else:
+                _clear_header(buf)
+            fields[HAVE] = have
+            fields[PHASE] = RECEIVING
+            if logged:
+                self._audit(code, payload, err, started, audit)
+
+    def _audit(self, code: int, payload: bytes, err: int, started: int, audit: int) -> None:
+        """The audit event of one request (after its reply went out: off the latency).
+
+        A security refusal (special file, read-only export) is a warning, and is
+        logged even where the audit level would not log the request.
+        """
+        refusal = self._refusal if err else None
+        self._refusal = None
+        if self._slot.fields[slot.LOG_EPOCH] != self.log_epoch:  # a reopened log file waits
+            self._on_log_reopen()
+        try:
+            fields = audit_fields(code, payload)
+        except p.MalformedRequest:
+            fields = {"op": p.REQUESTS[code].name, "malformed": True}
+        fields.pop("writing", None)
+        fields["result"] = log.result_name(err)
+        if started:
+            fields["dur_us"] = (time.perf_counter_ns() - started) // 1000
+        if refusal:
+            self._log.warning("op", refused=refusal, **fields)
+        else:
+            self._log.info("op", **fields)
+
+    def _errno_of(self, code: int, e: Exception) -> int:
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        if isinstance(e, p.MalformedRequest):
+            self._log.debug("malformed request", op=p.REQUESTS[code].name, error=str(e))
+            return e.errno
+        if isinstance(e, ValueError | OverflowError):  # a value the kernel cannot take
+            return errno.EINVAL
+        self._log.exception("request failed unexpectedly", op=p.REQUESTS[code].name)
+        return errno.EIO
+
+
+def _refusal_kind(e: Exception, readonly: bool) -> str | None:
+    """Refusals an auditor must see as warnings, whatever the audit level."""
+    if isinstance(e, SpecialFileRefused):
+        return f"special file ({e.file_type})"
+    if readonly and isinstance(e, OSError) and e.errno == errno.EROFS:
+        return "read-only export"
+    return None
+
+
+# --- audit events ------------------------------------------------------------------------
+
+AUDIT_NEVER, AUDIT_ALWAYS, AUDIT_IF_WRITING = 0, 1, 2
+
+_WRITING = cython.declare(
+    cython.uint, os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+)
+
+
+@cython.cfunc
+def _open_writes(buf: cython.uchar[::1], size: cython.Py_ssize_t) -> cython.bint:
+    """Whether the OPEN request of `size` payload bytes in `buf` asks for writing (a
+    malformed one counts as writing: it gets its audit event)."""
+    if size < 2:
+        return True
+    n: cython.Py_ssize_t = _u16(buf, p.HEADER_SIZE)  # the path's length
+    if size < 2 + n + 4:
+        return True
+    return (_u32(buf, p.HEADER_SIZE + 2 + n) & _WRITING) != 0
+
+
+def audited_codes(audit: str) -> list[int]:
+    """Per request code: never, always, or (OPEN at "mutations") only when writing."""
+    table = [AUDIT_NEVER] * (max(p.REQUESTS) + 1)
+    for code, request in p.REQUESTS.items():
+        if audit == "all" or (audit == "mutations" and request.mutates):
+            table[code] = AUDIT_ALWAYS
+    if audit == "mutations":
+        table[p.T_OPEN] = AUDIT_IF_WRITING
+    return table
+
+
+def _ids(uid: int, gid: int) -> dict[str, int]:
+    return {"uid": uid, "gid": gid}
+
+
+def audit_fields(code: int, payload: bytes) -> dict[str, Any]:
+    """The fields of one request's audit event (docs/events.md, event "op")."""
+    args = p.DECODERS[code](payload)
+    path = log.printable
+    match code:
+        case p.T_OPEN:
+            flags = args[1]
+            return {
+                "op": "open",
+                "path": path(args[0]),
+                "flags": log.open_flags(flags),
+                "writing": bool(flags & _WRITING),
+            }
+        case p.T_CREATE:
+            return {
+                "op": "create",
+                "path": path(args[0]),
+                "flags": log.open_flags(args[1]),
+                "mode": oct(args[2] & 0o7777),
+                **_ids(args[3], args[4]),
+            }
+        case p.T_MKNOD:
+            return {
+                "op": "mknod",
+                "path": path(args[2]),
+                "mode": oct(args[3] & 0o177777),
+                "rdev": args[4],
+                **_ids(args[0], args[1]),
+            }
+        case p.T_MKDIR:
+            return {
+                "op": "mkdir",
+                "path": path(args[2]),
+                "mode": oct(args[3] & 0o7777),
+                **_ids(args[0], args[1]),
+            }
+        case p.T_SYMLINK:
+            return {
+                "op": "symlink",
+                "path": path(args[3]),
+                "path2": path(args[2]),
+                **_ids(args[0], args[1]),
+            }
+        case p.T_LINK | p.T_RENAME:
+            return {"op": p.REQUESTS[code].name, "path": path(args[0]), "path2": path(args[1])}
+        case p.T_READLINK:
+            return {"op": "readlink", "path": path(args[0]), "size": args[1]}
+        case p.T_CHMOD:
+            return {"op": "chmod", "path": path(args[0]), "mode": oct(args[1] & 0o7777)}
+        case p.T_CHOWN:
+            return {"op": "chown", "path": path(args[0]), **_ids(args[1], args[2])}
+        case p.T_TRUNCATE:
+            return {"op": "truncate", "path": path(args[0]), "length": args[1]}
+        case p.T_UTIME:
+            return {
+                "op": "utime",
+                "path": path(args[0]),
+                "atime": [args[1], args[2]],
+                "mtime": [args[3], args[4]],
+            }
+        case p.T_LGETXATTR:
+            return {
+                "op": "lgetxattr",
+                "path": path(args[1]),
+                "name": path(args[2]),
+                "size": args[0],
+            }
+        case p.T_LLISTXATTR:
+            return {"op": "llistxattr", "path": path(args[1]), "size": args[0]}
+        case p.T_LSETXATTR:
+            return {
+                "op": "lsetxattr",
+                "path": path(args[0]),
+                "name": path(args[1]),
+                "size": args[3],
+                "xattr_flags": args[4],
+            }
+        case p.T_LREMOVEXATTR:
+            return {"op": "lremovexattr", "path": path(args[0]), "name": path(args[1])}
+        case _:  # LSTAT, STATFS, REMOVE, GETVERSION: a path only
+            return {"op": p.REQUESTS[code].name, "path": path(args[0])}
