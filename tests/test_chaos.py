@@ -3,16 +3,22 @@
 Eight client processes talk to a real daemon the way QEMU does and do mixed requests
 whose results they verify (CREATE + write through the fd, OPEN + read back, LSTAT,
 LSETXATTR/LGETXATTR, RENAME over a final name, MKDIR/REMOVE, READLINK), each in its own
-directory. Meanwhile a killer thread SIGKILLs a random busy worker every 100-200 ms.
-A client may see, per kill, nothing (the connection moved to a fresh worker), -EIO
-on the request in flight (it then re-checks what happened and goes on), or a closed
-connection (it reconnects). Anything else fails the test, and so does a hang.
+directory. Meanwhile a killer thread SIGKILLs a random busy worker every 100-200 ms,
+aiming in turn at a request executing, at a reply being sent, and at no place in
+particular: the worker is stopped (SIGSTOP) and killed only once /proc/PID/syscall shows
+it stopped right after one of the request's own system calls, or right after the send
+of its reply (aim_at). A client may see, per kill, nothing (the connection moved to a
+fresh worker), -EIO on the request in flight (it then re-checks what happened and goes
+on), or a closed connection (it reconnects). Anything else fails the test, and so does
+a hang.
 
-Afterwards, from the master's log: at least 99% of the deaths of a worker serving a
-connection ended in "crash recovery" (transparent or EIO), not in a closed connection;
-the host tree holds exactly what every client last wrote; the master holds no more
-descriptors than before; restart latencies are printed and written, with the rest of
-the numbers, to var/chaos-summary.json.
+Afterwards, from the master's log: at least MIN_EXECUTING deaths judged while a request
+executed (executed again or EIO) and MIN_REPLYING while a reply was sent; every aimed
+kill judged as its aim says; no poison close, and no closed connection but the one
+README allows (killed sending a reply, then a guest quiet for 200 ms), at most 1 % of
+the deaths; the host tree holds exactly what every client last wrote; the master holds
+no more descriptors than before. Restart latencies are printed and written, with the
+rest of the numbers, to var/chaos-summary.json (scripts/test prints a line of it).
 
 Design choices:
 * Clients are processes, not threads: with threads the eight clients and the killer
@@ -20,14 +26,10 @@ Design choices:
   clients' think time and distorts the client-side latencies; separate processes
   behave like separate VMs, and each has its own pid, so the master's "connection
   accepted" events (peer_pid) tell which connection belongs to which client.
-* Poison: the master closes a connection at its third worker death within 60 s. At
-  6-7 kills a second spread over 8 connections, a long-lived connection would reach
-  that within a couple of seconds, so the killer never kills a third time on the same
-  connection (KILLS_PER_CONN), and clients reconnect every 0.5-1.5 s (a VM restart),
-  which keeps fresh, killable connections coming. Should a connection still reach
-  three deaths (the killer reads a title just as its worker changes connection), the
-  poison close is by design: it is left out of the 99% and reported. A poison close
-  with fewer than three deaths of that connection in the log is a failure.
+* Poison is the same request executing or replying at three deaths (docs/events.md):
+  deaths during different requests never count, so the killer may kill on any
+  connection as often as it likes. Clients still reconnect every 0.5-1.5 s (a VM
+  restart), so that kills also meet connections being opened and closed.
 * Every wait is bounded, and a watchdog SIGKILLs the clients and the daemon at
   HARD_DEADLINE, so that nothing can hang CI.
 """
@@ -57,7 +59,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import Daemon, children, title, wait_until
+from tests.daemon import SYS_RECVFROM, SYS_RECVMSG, Daemon, children, title, wait_until
 from tests.proxyclient import (
     CHECKOUT,
     ConnectionClosed,
@@ -67,20 +69,25 @@ from tests.proxyclient import (
     errno_of,
     unpack_s,
 )
+from tests.test_guest_soak import REQUEST_CALLS
 
 EXPORT = "chaos"
 CLIENTS = 8
 MIN_IDLE, MAX_WORKERS = 2, 12
 REQUEST_TIMEOUT = 5.0
-CHAOS_SECONDS = 60.0  # how long the clients run while the killer kills (~400 kills: enough
+CHAOS_SECONDS = 60.0  # how long the clients run while the killer kills (~340 kills: enough
 # for the 99 % below to be a stable verdict, not a coin toss around 3 closes)
 MIN_REQUESTS = 2000  # per client: a few thousand verified requests at least
 SLOTS = 4  # final files per client, renamed over again and again
-KILL_EVERY = (0.1, 0.2)  # seconds between two kills
-KILLS_PER_CONN = 2  # the master closes a connection at its 3rd death within 60 s
+KILL_EVERY = (0.1, 0.2)  # seconds between two kills (plus the time an aim takes)
+AIM_PATIENCE = 1.0  # seconds the killer tries for its aim before it kills all the same
 ROTATE_EVERY = (0.5, 1.5)  # seconds a client keeps one connection
 MAX_TRIES = 10  # uncertain answers in a row for one step before giving up
 MIN_KILLS = 100  # fewer kills would make the 99% below meaningless
+# Kills that must hit a request executing and a reply being sent: a third of the kills
+# aims at each (measured on a loaded 2-core machine: 110-140 of each in 60 s).
+MIN_EXECUTING = 50
+MIN_REPLYING = 50
 RECOVERED_SHARE = 0.99
 HARD_DEADLINE = 90.0  # seconds for the whole test, whatever happens
 XATTR = "user.chaos"
@@ -95,8 +102,12 @@ TRANSPARENT = (
     "reply had been sent",
 )
 UNCERTAIN_CLOSE = "connection closed after a crash: reply state unknown"
+REPLY_UNKNOWN = "died sending a reply; the guest sent nothing since"  # its one allowed detail
 POISON_CLOSE = "poison connection closed"
-POISON_DEATHS, POISON_WINDOW = 3, 60.0  # the master's limit
+# The master's verdicts (README, "When a worker dies") on a death while a request executes
+# and while its reply is sent, as fates_of_kills() names them.
+EXECUTING_FATES = {"request executed again", "answered EIO"}
+REPLYING_FATES = {"reply had been sent", f"closed: {REPLY_UNKNOWN}"}
 
 
 # --- what a client writes: reproducible from (client, round), so the host check can
@@ -290,16 +301,99 @@ def client_main(
 
 # --- the killer ----------------------------------------------------------------------------
 
+# Where a kill is aimed (Killer.AIMS, in turn): a request executing, a reply being sent, or
+# wherever the worker happens to be (the verdicts the aimed kills cannot reach: nothing in
+# flight, a request partly or just received).
+EXECUTING, REPLYING, ANYWHERE = "executing", "replying", "anywhere"
+FATES_OF_AIM = {EXECUTING: EXECUTING_FATES, REPLYING: REPLYING_FATES}
+# x86-64 system calls (asm/unistd_64.h) of a reply: send(2) (sendto) and the fd reply's
+# sendmsg(2), both with MSG_NOSIGNAL on the connection (proxyd/server.py); the channel to
+# the master is written without flags, and a log file with write(2).
+SYS_SENDTO, SYS_SENDMSG = "44", "46"
+MSG_NOSIGNAL = 0x4000
+
 
 @dataclass
 class Kill:
     at: float
     pid: int
     conn: int
+    aim: str  # EXECUTING, REPLYING or ANYWHERE: what the killer tried for
+    # /proc/PID/syscall of the stopped worker when the aim was reached (then the kill
+    # lands there), None for a kill sent without stopping the worker first
+    call: list[str] | None = None
+
+
+def syscall_fields(pid: int) -> list[str]:
+    """/proc/PID/syscall, split: "running", or the number of the system call the task is
+    in (or stopped on the way out of), then its six arguments in hex; "-1" outside one.
+    Raises ProcessLookupError when the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/syscall").read_text().split()
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessLookupError(pid) from None
+
+
+def stop(pid: int) -> None:
+    """SIGSTOP `pid` and wait until it is stopped (state "T" in /proc/PID/stat)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]
+        except (FileNotFoundError, ProcessLookupError):
+            raise ProcessLookupError(pid) from None
+        if state == "T":
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"worker {pid} did not stop in 30 s (state {state})")
+        time.sleep(0.0005)  # polling the state: a stop takes effect when the task next runs
+
+
+def reached(aim: str, call: list[str]) -> bool:
+    """Whether a worker stopped at `call` (syscall_fields) is where `aim` wants it.
+
+    Stopped on the way out of one of a request's own system calls (REQUEST_CALLS), the
+    worker is executing that request: it records "executing" before its first one and
+    "replying" only after its last. Stopped on the way out of the send of a reply, it has
+    recorded "replying" and not yet "receiving" again (the store after the send)."""
+    if aim == EXECUTING:
+        return call[0] in REQUEST_CALLS
+    if call[0] == SYS_SENDTO:  # sendto(fd, buf, len, flags, addr, addrlen)
+        return int(call[4], 16) == MSG_NOSIGNAL
+    if call[0] == SYS_SENDMSG:  # sendmsg(fd, msg, flags)
+        return int(call[3], 16) == MSG_NOSIGNAL
+    return False
+
+
+def aim_at(pid: int, aim: str, patience: float) -> list[str] | None:
+    """Leave worker `pid` stopped where `aim` wants it and return its syscall_fields, or
+    None (the worker running) when that did not happen within `patience` seconds.
+
+    Why stop first: /proc/PID/syscall says "running" for a worker that executes a request
+    and for one woken up and waiting for a CPU alike, and a kill sent on that lands
+    mostly between requests (measured: 257 of 384 kills found nothing in flight).
+    Stopped, its place is fixed until the SIGKILL. A worker asleep in recvfrom has
+    nothing in flight (nor has one waiting in recvmsg for its next connection): it is
+    left alone, and looked at again. Raises ProcessLookupError
+    if the worker is gone."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        if syscall_fields(pid)[0] in (str(SYS_RECVFROM), str(SYS_RECVMSG)):
+            continue  # waiting for a request, or (connection gone) for the next one
+        stop(pid)
+        call = syscall_fields(pid)
+        if reached(aim, call):
+            return call
+        os.kill(pid, signal.SIGCONT)  # an interrupted recvfrom or send is restarted
+    return None
 
 
 class Killer(threading.Thread):
-    """SIGKILLs a random busy worker every 100-200 ms; never a third time on one connection."""
+    """SIGKILLs a random busy worker every KILL_EVERY, aimed in turn (AIMS) at a request
+    executing, at a reply being sent and at no place in particular."""
+
+    AIMS = (EXECUTING, REPLYING, ANYWHERE)
 
     def __init__(self, master_pid: int, seed: int) -> None:
         super().__init__(name="killer", daemon=True)
@@ -308,27 +402,39 @@ class Killer(threading.Thread):
         self.stop_event = threading.Event()
         self.kills: list[Kill] = []
         self.skipped = 0  # rounds with no busy worker to kill
-        self.per_conn: Counter[int] = Counter()
+        self.missed: Counter[str] = Counter()  # aims not reached within AIM_PATIENCE
+        self.errors: list[str] = []  # shown by the test, not lost in the thread
 
     def run(self) -> None:
-        while not self.stop_event.wait(self.rng.uniform(*KILL_EVERY)):
-            target = self.pick()
-            if target is None:
-                self.skipped += 1
-                continue
-            pid, conn = target
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                continue
-            self.kills.append(Kill(time.time(), pid, conn))
-            self.per_conn[conn] += 1
+        try:
+            rounds = 0
+            while not self.stop_event.wait(self.rng.uniform(*KILL_EVERY)):
+                target = self.pick()
+                if target is None:
+                    self.skipped += 1
+                    continue
+                aim = self.AIMS[rounds % len(self.AIMS)]
+                rounds += 1
+                with contextlib.suppress(ProcessLookupError):  # it left meanwhile
+                    self.kill(*target, aim)
+        except BaseException:
+            self.errors.append(traceback.format_exc())
+
+    def kill(self, pid: int, conn: int, aim: str) -> None:
+        call = None
+        if aim != ANYWHERE:
+            call = aim_at(pid, aim, AIM_PATIENCE)
+            if call is None:
+                self.missed[aim] += 1
+                aim = ANYWHERE  # killed all the same: the death is what the clients face
+        os.kill(pid, signal.SIGKILL)  # also ends a stopped process
+        self.kills.append(Kill(time.time(), pid, conn, aim, call))
 
     def pick(self) -> tuple[int, int] | None:
         busy = []
         for pid in children(self.master_pid):
             match = re.search(r" conn=(\d+) ", title(pid) + " ")
-            if match and self.per_conn[int(match[1])] < KILLS_PER_CONN:
+            if match:
                 busy.append((pid, int(match[1])))
         return self.rng.choice(busy) if busy else None
 
@@ -523,6 +629,28 @@ def grouped(events: list[dict[str, Any]]) -> list[str]:
     return [f"{n}x {key}, first at {first[key]}" for key, n in count.items()]
 
 
+def fates_of_kills(master: list[dict[str, Any]], killer: Killer) -> list[tuple[Kill, str | None]]:
+    """Each kill with what the master made of its worker's death: the `crash recovery`
+    outcome, "closed: <detail>" or "closed: poison"; None for a worker that died with no
+    connection (its guest had just left). A connection's deaths and their fates come in
+    the same order in the master's log (a connection has one worker at a time)."""
+    deaths: dict[int, list[int]] = defaultdict(list)  # conn -> pids of its dead workers
+    fates: dict[int, list[str]] = defaultdict(list)
+    for e in master:
+        if e["event"] == "worker died" and e.get("conn") is not None:
+            deaths[e["conn"]].append(e["worker_pid"])
+        elif e["event"] == "crash recovery":
+            fates[e["conn"]].append(e["outcome"])
+        elif e["event"] == UNCERTAIN_CLOSE:
+            fates[e["conn"]].append(f"closed: {e.get('detail')}")
+        elif e["event"] == POISON_CLOSE:
+            fates[e["conn"]].append("closed: poison")
+    fate_of = {}
+    for conn, pids in deaths.items():
+        fate_of.update(zip(pids, fates[conn], strict=False))
+    return [(kill, fate_of.get(kill.pid)) for kill in killer.kills]
+
+
 def analyse(events: list[dict[str, Any]], killer: Killer, reports: list[dict[str, Any]]) -> dict:
     master = [e for e in events if e.get("role") == "master"]
     died = [e for e in master if e["event"] == "worker died"]
@@ -531,17 +659,8 @@ def analyse(events: list[dict[str, Any]], killer: Killer, reports: list[dict[str
     outcomes = Counter(e["outcome"] for e in master if e["event"] == "crash recovery")
     uncertain = [e for e in master if e["event"] == UNCERTAIN_CLOSE]
     poison = [e for e in master if e["event"] == POISON_CLOSE]
-    # A poison close is by design when the log shows its connection's 3 deaths in 60 s.
-    deaths_of: dict[int, list[float]] = defaultdict(list)
-    for e in on_conn:
-        deaths_of[e["conn"]].append(e["ts"])
-    designed = [
-        e
-        for e in poison
-        if sum(e["ts"] - t < POISON_WINDOW for t in deaths_of[e["conn"]]) >= POISON_DEATHS
-    ]
-    counted = len(on_conn) - len(designed)  # deaths that must end in a recovery
     recovered = sum(outcomes.values())
+    fates = fates_of_kills(master, killer)
     next_spawned, own_replacement = restart_latencies(master)
     counts: Counter[str] = Counter()
     for report in reports:
@@ -549,6 +668,24 @@ def analyse(events: list[dict[str, Any]], killer: Killer, reports: list[dict[str
     return {
         "kills": len(killer.kills),
         "kill_rounds_without_target": killer.skipped,
+        "kills_aimed": dict(Counter(k.aim for k in killer.kills)),
+        "aims_missed": dict(killer.missed),
+        "killer_errors": killer.errors,
+        # What the kills hit, by the master's verdicts (aimed or not).
+        "in_flight": {
+            EXECUTING: sum(fate in EXECUTING_FATES for _, fate in fates),
+            REPLYING: sum(fate in REPLYING_FATES for _, fate in fates),
+        },
+        "fates_by_aim": {
+            aim: dict(Counter(str(fate) for k, fate in fates if k.aim == aim))
+            for aim in Killer.AIMS
+        },
+        # An aimed kill whose death the master judged otherwise than its aim says.
+        "aimed_but_judged_otherwise": [
+            {"aim": k.aim, "syscall": k.call, "fate": fate}
+            for k, fate in fates
+            if k.aim != ANYWHERE and fate not in FATES_OF_AIM[k.aim]
+        ],
         "deaths_logged": len(died),
         "deaths_not_ours": [e for e in died if e["worker_pid"] not in killed],
         "deaths_on_a_connection": len(on_conn),
@@ -557,11 +694,15 @@ def analyse(events: list[dict[str, Any]], killer: Killer, reports: list[dict[str
         "closed_reply_state_unknown_details": [
             {"conn": e["conn"], "op": e.get("op"), "detail": e.get("detail")} for e in uncertain
         ],
+        "closed_beyond_the_allowance": [
+            {"conn": e["conn"], "op": e.get("op"), "detail": e.get("detail")}
+            for e in uncertain
+            if e.get("detail") != REPLY_UNKNOWN
+        ],
         "closed_poison": len(poison),
-        "closed_poison_by_design": len(designed),
-        "recovered_share": round(recovered / counted, 4) if counted else None,
+        "recovered_share": round(recovered / len(on_conn), 4) if on_conn else None,
         "transparent_share": (
-            round(sum(outcomes[o] for o in TRANSPARENT) / counted, 4) if counted else None
+            round(sum(outcomes[o] for o in TRANSPARENT) / len(on_conn), 4) if on_conn else None
         ),
         "client_eio": counts["eio"],
         "client_closes": counts["closes"],
@@ -704,6 +845,7 @@ def failures(s: dict[str, Any]) -> list[str]:
     expect(s["rss_kib"] is not None, "the daemon died during the run")
     expect(s["clients_reported"] == CLIENTS, f"{s['clients_reported']}/{CLIENTS} clients reported")
     found += [f"client error: {e}" for e in s["client_errors"]]
+    found += [f"killer error: {e}" for e in s["killer_errors"]]
     expect(
         bool(s["requests_per_client"]) and min(s["requests_per_client"]) >= MIN_REQUESTS,
         f"too few requests per client: {s['requests_per_client']}",
@@ -713,6 +855,15 @@ def failures(s: dict[str, Any]) -> list[str]:
     found += [f"error logged: {e}" for e in s["errors_logged"]]
     found += [f"protocol trouble logged: {e}" for e in s["protocol_trouble"]]
     expect(s["kills"] >= MIN_KILLS, f"only {s['kills']} kills, want {MIN_KILLS}")
+    # What the test is about: deaths while a request executes and while its reply is
+    # sent, each often enough to be more than luck.
+    for where, least in ((EXECUTING, MIN_EXECUTING), (REPLYING, MIN_REPLYING)):
+        expect(
+            s["in_flight"][where] >= least,
+            f"only {s['in_flight'][where]} kills hit a request {where}, want {least} "
+            f"(aims missed: {s['aims_missed']})",
+        )
+    found += [f"aimed kill judged otherwise: {k}" for k in s["aimed_but_judged_otherwise"]]
     # Every death of a worker serving a connection has exactly one fate in the log.
     fates = (
         sum(s["recoveries_by_outcome"].values())
@@ -723,11 +874,12 @@ def failures(s: dict[str, Any]) -> list[str]:
         fates == s["deaths_on_a_connection"],
         f"{s['deaths_on_a_connection']} deaths on a connection but {fates} recoveries/closes",
     )
-    expect(
-        s["closed_poison"] == s["closed_poison_by_design"],
-        f"{s['closed_poison'] - s['closed_poison_by_design']} poison closes with fewer than "
-        f"{POISON_DEATHS} deaths on their connection",
-    )
+    # Poison is one request killing every worker that runs it (3 deaths): no request
+    # here kills anything, and the killer picks at random among all busy workers.
+    expect(s["closed_poison"] == 0, f"{s['closed_poison']} poison closes")
+    # README: the one close a death may cost is a reply whose fate the master cannot
+    # know (killed sending it, and the guest then quiet for 200 ms); none other.
+    found += [f"closed beyond the allowance: {c}" for c in s["closed_beyond_the_allowance"]]
     expect(
         s["recovered_share"] is not None and s["recovered_share"] >= RECOVERED_SHARE,
         f"recovered share {s['recovered_share']} < {RECOVERED_SHARE}: closed "
@@ -756,9 +908,11 @@ def print_summary(s: dict[str, Any]) -> None:
     print(
         f"kills {s['kills']} (rounds without a target {s['kill_rounds_without_target']}), "
         f"deaths on a connection {s['deaths_on_a_connection']}\n"
+        f"aims {s['kills_aimed']}, missed {s['aims_missed']}; hit in flight {s['in_flight']}\n"
+        f"fates by aim {s['fates_by_aim']}\n"
         f"recoveries {s['recoveries_by_outcome']}\n"
         f"closed: reply state unknown {s['closed_reply_state_unknown']}, "
-        f"poison {s['closed_poison']} (by design {s['closed_poison_by_design']}); "
+        f"poison {s['closed_poison']}; "
         f"recovered {s['recovered_share']}, "
         f"transparent {s['transparent_share']}\n"
         f"clients: requests {s['requests']} (per client {s['requests_per_client']}), "
