@@ -9,11 +9,11 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.daemon import wait_until
 from tests.proxyclient import CHECKOUT, ProxyClient
 
 PROXYD = [sys.executable, "-m", "proxyd"]
@@ -40,23 +40,20 @@ def export(tmp_path: Path) -> Path:
 
 
 def test_help_lists_the_reference_flags() -> None:
+    """Each of the reference's flags, short and long, as one option taking what the
+    reference's takes (argparse lists the two spellings of one option on one line)."""
     result = run("--help")
     assert result.returncode == 0
-    for flag in (
-        "-p",
-        "--path",
-        "-f",
-        "--fd",
-        "-s",
-        "--socket",
-        "-u",
-        "--uid",
-        "-g",
-        "--gid",
-        "-n",
-        "--nodaemon",
+    options = [line.strip().split("  ")[0] for line in result.stdout.splitlines()]
+    for pair in (
+        "-p PATH, --path PATH",
+        "-f FD, --fd FD",
+        "-s SOCKET, --socket SOCKET",
+        "-u UID, --uid UID",
+        "-g GID, --gid GID",
+        "-n, --nodaemon",
     ):
-        assert flag in result.stdout
+        assert pair in options, result.stdout
 
 
 def test_usage_errors(export: Path, tmp_path: Path) -> None:
@@ -121,13 +118,6 @@ def test_socket_path_errors(export: Path, tmp_path: Path) -> None:
         listener.close()
 
 
-def _wait_for(path: Path, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
-
-
 def _connect(path: Path) -> ProxyClient:
     sock = socket.socket(socket.AF_UNIX)
     sock.connect(str(path))
@@ -158,14 +148,11 @@ def test_named_socket_serves_one_client(export: Path, tmp_path: Path) -> None:
         text=True,
     )
     try:
-        deadline = time.monotonic() + 10
-        while True:  # the stale socket is replaced by ours
-            st = os.lstat(sock_path)
-            if (st.st_uid, st.st_gid) == (1234, 5678):
-                break
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        assert stat.S_IMODE(st.st_mode) == 0o770
+        wait_until(  # the stale socket is replaced by ours
+            lambda: (os.lstat(sock_path).st_uid, os.lstat(sock_path).st_gid) == (1234, 5678),
+            what="the socket owned by 1234:5678",
+        )
+        assert stat.S_IMODE(os.lstat(sock_path).st_mode) == 0o770
         client = _connect(sock_path)
         os.unlink(sock_path)  # as QEMU does after connecting
         assert client.lstat("/").ok
@@ -206,7 +193,7 @@ def test_daemon_mode_detaches_and_serves(export: Path, tmp_path: Path) -> None:
     result = run(*args, "--log-file", str(log_file))
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""  # the daemon's stderr is /dev/null, logs go to the log file
-    _wait_for(sock_path)
+    wait_until(sock_path.exists, what="the socket")
     client = _connect(sock_path)
     (export / "seen").write_text("")
     assert client.lstat("/seen").ok
@@ -217,16 +204,13 @@ def test_daemon_mode_detaches_and_serves(export: Path, tmp_path: Path) -> None:
     client.close()
     # Long-running: QEMU unlinks the path after connecting; the daemon binds it again.
     os.unlink(sock_path)
-    _wait_for(sock_path)
+    wait_until(sock_path.exists, what="the socket bound again")
     second = _connect(sock_path)
     assert second.lstat("/seen").ok
     second.close()
     assert _alive(pid)
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while _alive(pid):
-        assert time.monotonic() < deadline, "daemon did not stop on SIGTERM"
-        time.sleep(0.05)
+    wait_until(lambda: not _alive(pid), what="the daemon stopping on SIGTERM")
     assert not sock_path.exists()  # a stopping daemon removes its socket
 
 
@@ -249,7 +233,7 @@ def test_pidfile_is_written_and_guards_against_a_second_instance(
         str(tmp_path / "proxyd.log"),
     )
     assert run(*args).returncode == 0  # detaches
-    _wait_for(pidfile)
+    wait_until(pidfile.exists, what="the pidfile")
     pid = int(pidfile.read_text())
     assert _alive(pid) and Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"proxyd: master")
     second = run(
@@ -266,10 +250,7 @@ def test_pidfile_is_written_and_guards_against_a_second_instance(
     )
     one_line_error(second, 4, f"another proxyd (pid {pid}) is running")
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while _alive(pid):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: not _alive(pid), what="the daemon stopping on SIGTERM")
     assert not pidfile.exists()
 
 
