@@ -12,9 +12,10 @@ durability while workers are killed; every test against a real daemon and socket
   paths, NUL bytes, non-UTF-8 names, unknown codes, a request split over time, a peer
   stalled mid-request, a peer that never reads its replies.
 * Resource limits: max_connections_per_uid; flat descriptor counts and memory over
-  many requests (worker) and many connections (master).
+  100 000 requests (worker) and 10 000 connections (master), run to the count.
 * No data lost: files written through descriptors from CREATE/OPEN and renamed into
-  place while the busy worker is SIGKILLed every 50-150 ms.
+  place while the busy worker is SIGKILLed every 50-150 ms, aimed at the request it
+  executes; at least 50 requests and 20 renames cut short, each found out.
 * The atheris harness fuzz/fuzz_decoder.py, run here without atheris so it cannot rot.
 
 Numbers (rates, counts) are printed: run with -s to see them.
@@ -38,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
@@ -85,12 +87,15 @@ from tests.proxyclient import (
     pack_s,
     unpack_s,
 )
+from tests.test_chaos import EXECUTING, aim_at
 
 EXPORT = "r"
 CRASHES = ("worker died", "worker crashed", "request failed unexpectedly", "non-JSON line")
 # The long runs: as many as fit in their time budget (the numbers are printed).
-MANY_REQUESTS, MANY_CONNECTIONS, LONG_RUN_S = 100_000, 10_000, 40.0
+# Run to the count, however long it takes (measured: 5 s and 4 s on a 2-core machine).
+MANY_REQUESTS, MANY_CONNECTIONS = 100_000, 10_000
 KILLING_S = 20.0  # how long workers are killed under the writing client
+MIN_CUT_SHORT, MIN_RENAMES_CUT = 50, 20  # requests, and renames, a death cut short
 
 # Wire layout of every request (docs/protocol.md): s = path or name (NUL-checked),
 # v = raw string (an xattr value), d = i32, q = i64.
@@ -605,21 +610,30 @@ def test_non_utf8_names_work_and_are_logged_escaped(shared: Daemon) -> None:
     shared.wait_event("op", conn=conn, op="lstat", path="/caf\\xe9\\xff/f\\x80", result="ok")
 
 
+# A slow peer, not a stalled one (time is the behaviour under test): every third byte of
+# a request comes after SLOW_GAP, longer than the worker's wake-up interval (0.5 s,
+# proxyd/server.py) and SLOW_TIMEOUT - SLOW_GAP = 2.25 s short of request_timeout (the
+# margin a loaded machine may add to a gap), the whole request taking longer than it.
+SLOW_TIMEOUT, SLOW_GAP = 3.0, 0.75
+
+
 def test_request_split_byte_by_byte_over_time_is_served(tmp_path: Path) -> None:
-    with start(tmp_path, request_timeout=1.0) as d:
+    with start(tmp_path, request_timeout=SLOW_TIMEOUT) as d:
         client, conn = connect(d)
         request = request_bytes(LSTAT, pack_s("/file"))
         started = time.monotonic()
         for i, byte in enumerate(request):
-            # Every fourth gap is longer than a wake-up interval but shorter than
-            # request_timeout: the peer is slow, not stalled.
-            time.sleep(0.6 if i and i % 4 == 0 else 0.01)
+            if i % 3 == 2:
+                time.sleep(SLOW_GAP)  # the gap is what is tested
             client.send_raw(bytes([byte]))
         reply = client.recv_header_reply("data")
         ok(reply)
         assert decode_stat(reply.data)["size"] == len(b"content")
-        assert time.monotonic() - started > 1.5  # longer in all than request_timeout
-        time.sleep(2.5)  # quiet between requests: an idle guest, never "stalled"
+        # 15 bytes, 5 gaps: the request took longer in all than request_timeout.
+        assert time.monotonic() - started > SLOW_TIMEOUT
+        # Quiet between requests for longer than request_timeout (load only makes it
+        # longer): an idle guest, never "stalled".
+        time.sleep(SLOW_TIMEOUT + SLOW_GAP)
         ok(client.lstat("/"))
         assert not d.events("peer stalled mid-request", conn=conn)
 
@@ -634,11 +648,14 @@ def test_peer_stalled_mid_request_is_cut_off_and_its_worker_freed(
         worker = d.serving_worker(conn)
         client.send_raw(request_bytes(LSTAT, pack_s("/file"))[:sent])
         started = time.monotonic()
-        with pytest.raises(ConnectionClosed):
+        with pytest.raises(ConnectionClosed):  # not TimeoutError: within the socket's 10 s
             client.recv_header_reply("data")
         waited = time.monotonic() - started
         print(f"\nstalled peer ({sent} bytes) closed after {waited:.2f} s")
-        assert 0.9 < waited < 3.5
+        # Time is the behaviour: cut off only after request_timeout (1 s) of silence. The
+        # silence began when the worker took the bytes, after they were sent (0.05 s:
+        # between send_raw returning and `started`); load can only lengthen it.
+        assert waited > 1.0 - 0.05, waited
         event = d.wait_event("peer stalled mid-request", conn=conn)[-1]
         assert event["level"] == "warning" and event["have"] == sent
         d.wait_event("connection closed", conn=conn, reason="stalled")
@@ -744,10 +761,10 @@ MIXED = [  # (request, errno expected)
 ]
 
 
-def run_mixed(client: ProxyClient, count: int, until: float) -> int:
-    """Up to `count` requests from MIXED (descriptors closed as they arrive) until `until`."""
+def run_mixed(client: ProxyClient, count: int) -> int:
+    """At least `count` requests from MIXED (descriptors closed as they arrive): how many."""
     done = 0
-    while done < count and time.monotonic() < until:
+    while done < count:
         for request, err in MIXED:
             reply = request(client)
             if reply.fd is not None:
@@ -761,10 +778,10 @@ def test_worker_descriptors_and_memory_stay_flat_over_many_requests(tmp_path: Pa
     with start(tmp_path, audit="none") as d:
         client, conn = connect(d)
         worker, master = d.serving_worker(conn), d.proc.pid
-        run_mixed(client, 3000, time.monotonic() + 20)  # warm-up
+        run_mixed(client, 3000)  # warm-up
         fds, mem, master_mem = fd_count(worker), memory_kb(worker), memory_kb(master)
         started = time.monotonic()
-        done = run_mixed(client, MANY_REQUESTS, started + LONG_RUN_S)
+        done = run_mixed(client, MANY_REQUESTS)
         elapsed = time.monotonic() - started
         after, mem_after, master_after = fd_count(worker), memory_kb(worker), memory_kb(master)
         print(
@@ -782,14 +799,11 @@ def test_master_descriptors_and_memory_stay_flat_over_many_connections(tmp_path:
     with start(tmp_path, audit="none") as d:
         master = d.proc.pid
 
-        def connections(count: int, until: float) -> int:
-            done = 0
-            while done < count and time.monotonic() < until:
+        def connections(count: int) -> None:
+            for _ in range(count):
                 client = d.connect(EXPORT, unlink=False)
                 ok(client.lstat("/"))
                 client.close()
-                done += 1
-            return done
 
         def settled(total: int) -> None:
             wait_until(
@@ -803,18 +817,22 @@ def test_master_descriptors_and_memory_stay_flat_over_many_connections(tmp_path:
                 f"{total} connections closed and every worker idle",
             )
 
-        warm = connections(100, time.monotonic() + 20)
+        warm = 100
+        connections(warm)
         settled(warm)
         # The master holds one channel per worker: compare what is left besides them.
         fds, mem = fd_count(master) - len(d.workers()), memory_kb(master)
         started = time.monotonic()
-        done = connections(MANY_CONNECTIONS, started + LONG_RUN_S)
+        connections(MANY_CONNECTIONS)
+        done = MANY_CONNECTIONS
         elapsed = time.monotonic() - started
         settled(warm + done)
+        # Each of them was accepted and closed by the master, and served by a worker.
+        assert len(d.events("connection accepted")) == warm + done
         spawned = len(d.events("worker spawned"))
         print(
             f"\n{done} connections in {elapsed:.1f} s ({done / elapsed:.0f}/s), {spawned} workers"
-            f" spawned; master fds {fds} -> {fd_count(master)}, memory {mem} ->"
+            f" spawned; master fds {fds} -> {fd_count(master) - len(d.workers())}, memory {mem} ->"
             f" {memory_kb(master)} kB"
         )
         assert fd_count(master) - len(d.workers()) == fds
@@ -876,6 +894,7 @@ class Writer:
             if reply is not None:
                 ok(reply)
                 return True
+            self.counts["renames cut short"] += 1
             while (there := self.call("lstat", old)) is None:
                 pass
             if not there.ok:  # gone: the uncertain RENAME did happen
@@ -896,20 +915,30 @@ class Writer:
         return self.rename(tmp, f"/f{i}")
 
 
-def kill_busy_workers(d: Daemon, stop: threading.Event, killed: list[int]) -> None:
+def kill_busy_workers(
+    d: Daemon, stop: threading.Event, killed: list[int], errors: list[str]
+) -> None:
+    """Every 50-150 ms, SIGKILL the worker serving the writer, aimed (test_chaos.aim_at)
+    at a request it executes: a CREATE, OPEN or RENAME whose outcome the writer must then
+    find out, or an LSTAT it checks with. Missed within a second, it is killed all the
+    same."""
     rng = random.Random()
-    while not stop.wait(rng.uniform(0.05, 0.15)):
-        for pid in children(d.proc.pid):
-            if " conn=" in title(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
+    try:
+        while not stop.wait(rng.uniform(0.05, 0.15)):
+            for pid in children(d.proc.pid):
+                if " conn=" in title(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        aim_at(pid, EXECUTING, 1.0)
+                        os.kill(pid, signal.SIGKILL)  # also ends a stopped process
+                        killed.append(pid)
+    except BaseException:  # shown by the test, not lost in the thread
+        errors.append(traceback.format_exc())
 
 
 def test_no_acknowledged_write_is_lost_while_workers_are_killed(tmp_path: Path) -> None:
     with start(tmp_path, {"min_idle": 2}, audit="none") as d:
-        writer, stop, killed = Writer(d), threading.Event(), []
-        killer = threading.Thread(target=kill_busy_workers, args=(d, stop, killed))
+        writer, stop, killed, errors = Writer(d), threading.Event(), [], []
+        killer = threading.Thread(target=kill_busy_workers, args=(d, stop, killed, errors))
         acknowledged, verified = [], []
         killer.start()
         try:
@@ -935,9 +964,16 @@ def test_no_acknowledged_write_is_lost_while_workers_are_killed(tmp_path: Path) 
             f" unknown outcome, {len(lost)} lost; {len(killed)} workers killed;"
             f" client {dict(writer.counts)}; recoveries {dict(outcomes)}; closes {closes}"
         )
+        assert not errors, errors
         assert not lost, lost
         assert not list(export.glob("*.tmp"))
-        assert len(killed) >= 20 and len(acknowledged) >= 20
+        # What the test is about: writes cut short by a death. A kill while a change
+        # executes is answered EIO (the writer saw each one), and a RENAME so cut short
+        # was checked and found done or not done (measured: 147 EIO, 78 of them
+        # renames, of 165 kills).
+        assert writer.counts["EIO"] == outcomes["answered EIO"] >= MIN_CUT_SHORT
+        assert writer.counts["renames cut short"] >= MIN_RENAMES_CUT
+        assert len(acknowledged) >= 100
         assert d.proc.poll() is None
         unexpected = crashes(LogTail(d.log_path).new())
         assert not [e for e in unexpected if e["event"] != "worker died"], unexpected
