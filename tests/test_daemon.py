@@ -110,14 +110,12 @@ def test_socket_path_recreated_for_the_next_vm(tmp_path: Path) -> None:
         clients = []
         for _ in range(4):  # VM after VM on one socket path, all served at once
             clients.append(d.connect("a"))  # unlinks the path, as QEMU does
-            t0 = time.monotonic()
-            wait_until(lambda: os.path.exists(path), 2.0, "the socket path to come back")
-            assert time.monotonic() - t0 < 1.0
+            wait_until(lambda: os.path.exists(path), what="the socket path to come back")
         for c in clients:
             ok(c.lstat("/"))
         st = os.lstat(path)
         assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o770
-        assert d.events("export socket re-bound", export="a")
+        assert len(d.events("export socket re-bound", export="a")) == 4  # once per unlink
 
 
 def test_peers_outside_the_allow_list_are_refused(tmp_path: Path) -> None:
@@ -331,10 +329,13 @@ def test_sigterm_stops_gracefully_and_removes_sockets(tmp_path: Path) -> None:
     with Daemon(tmp_path, [{"name": "a"}, {"name": "b"}]) as d:
         c = d.connect("a")
         ok(c.lstat("/"))
-        started = time.monotonic()
         d.signal(signal.SIGTERM)
-        assert d.proc.wait(10) == 0
-        assert time.monotonic() - started < d.daemon_settings["stop_timeout"] + 1
+        assert d.proc.wait(30) == 0
+        # Graceful: every worker, the one serving a connection between two requests too,
+        # left on its own; none was killed at stop_timeout.
+        (stopping,) = d.events("stopping", connections=1)
+        assert len(d.events("worker exited", exit_code=0)) == stopping["workers"] == 3
+        assert not d.events("killing worker still running at stop")
         assert not os.path.exists(d.exports["a"]["socket"])
         assert not os.path.exists(d.exports["b"]["socket"])
         with pytest.raises((ConnectionClosed, BrokenPipeError)):
