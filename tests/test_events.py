@@ -184,81 +184,85 @@ def one_of_each(c: ProxyClient, export: Path) -> None:
     assert errno_of(c.lstat(b"/\xff-missing")) == errno.ENOENT  # not UTF-8, failing
 
 
+# The `op` events one_of_each() causes at audit = all, in order: each request's own fields
+# with the values it sent (result "ok" unless given).
+ONE_OF_EACH = [
+    {"op": "open", "path": "/f", "flags": "O_RDONLY"},
+    {"op": "open", "path": "/f", "flags": "O_WRONLY|O_APPEND"},
+    {
+        "op": "create",
+        "path": "/new",
+        "flags": "O_WRONLY|O_CREAT|O_EXCL",
+        "mode": "0o640",
+        "uid": 1000,
+        "gid": 1001,
+    },
+    {"op": "mknod", "path": "/fifo", "mode": "0o10600", "rdev": 0, "uid": 0, "gid": 0},
+    {"op": "mkdir", "path": "/d", "mode": "0o755", "uid": 1000, "gid": 1000},
+    {"op": "symlink", "path": "/l", "path2": "f", "uid": 0, "gid": 0},
+    {"op": "link", "path": "/f", "path2": "/hard"},
+    {"op": "lstat", "path": "/f"},
+    {"op": "readlink", "path": "/l", "size": 100},
+    {"op": "statfs", "path": "/"},
+    {"op": "chmod", "path": "/f", "mode": "0o600"},
+    {"op": "chown", "path": "/f", "uid": 1, "gid": 2},
+    {"op": "truncate", "path": "/f", "length": 2},
+    {"op": "utime", "path": "/f", "atime": [1, 2], "mtime": [3, 4]},
+    {"op": "rename", "path": "/hard", "path2": "/moved"},
+    {"op": "remove", "path": "/moved"},
+    {"op": "lsetxattr", "path": "/f", "name": "user.k", "size": 1, "xattr_flags": 0},
+    {"op": "lgetxattr", "path": "/f", "name": "user.k", "size": 10},
+    {"op": "llistxattr", "path": "/f", "size": 0},
+    {"op": "lremovexattr", "path": "/f", "name": "user.k"},
+    {"op": "getversion", "path": "/f"},
+    {"op": "lstat", "path": "/\\xff-missing", "result": "ENOENT"},
+]
+
+
 @pytest.mark.parametrize("audit", ["none", "mutations", "all"])
 def test_audit_levels_log_exactly_the_documented_events(tmp_path: Path, audit: str) -> None:
+    """Every field of every `op` event, with its value: the request's own fields as sent,
+    who sent it (the peer: this process, uid 0), where (export, worker, connection)."""
     export = tmp_path / "export"
     export.mkdir()
     served = Served(export, audit)
     one_of_each(served.client, export)
-    ops = [e for e in served.finish() if e["event"] == "op"]
-    seen = [e["op"] for e in ops]
+    events = served.finish()
+    ops = [e for e in events if e["event"] == "op"]
     if audit == "none":
-        assert seen == []
-        return
-    if audit == "mutations":
+        expected = []
+    elif audit == "mutations":  # every change, and OPEN for writing
         expected = [
-            "open",
-            "create",
-            "mknod",
-            "mkdir",
-            "symlink",
-            "link",
-            "chmod",
-            "chown",
-            "truncate",
-            "utime",
-            "rename",
-            "remove",
-            "lsetxattr",
-            "lremovexattr",
+            e
+            for e in ONE_OF_EACH
+            if e["op"] in MUTATING or (e["op"] == "open" and e["flags"] != "O_RDONLY")
         ]
     else:
-        expected = [
-            "open",
-            "open",
-            "create",
-            "mknod",
-            "mkdir",
-            "symlink",
-            "link",
-            "lstat",
-            "readlink",
-            "statfs",
-            "chmod",
-            "chown",
-            "truncate",
-            "utime",
-            "rename",
-            "remove",
-            "lsetxattr",
-            "lgetxattr",
-            "llistxattr",
-            "lremovexattr",
-            "getversion",
-            "lstat",
-        ]
-    assert seen == expected
-    assert set(seen) <= set(OP_NAMES)
-    for event in ops:
-        assert set(event) <= COMMON | EXTRA.get(event["op"], set()), event
-        assert COMMON - {"worker"} <= set(event), event
-        assert event["level"] == "info" and event["role"] == "worker"
-        assert isinstance(event["dur_us"], int) and event["dur_us"] >= 0
-    by_op = {e["op"]: e for e in ops}
-    assert by_op["create"] == by_op["create"] | {
-        "path": "/new",
-        "mode": "0o640",
-        "uid": 1000,
-        "gid": 1001,
-        "flags": "O_WRONLY|O_CREAT|O_EXCL",
+        expected = ONE_OF_EACH
+    context = {
+        "event": "op",
+        "level": "info",
+        "role": "worker",
+        "export": "export",  # named after the directory, as with the reference's flags
+        "worker": 0,
+        "conn": 1,
+        "peer_pid": os.getpid(),  # the socketpair's creator: SO_PEERCRED
+        "peer_uid": 0,
+        "peer_gid": 0,
         "result": "ok",
     }
-    assert by_op["rename"]["path2"] == "/moved" and by_op["symlink"]["path2"] == "f"
-    assert by_op["truncate"]["length"] == 2 and by_op["utime"]["mtime"] == [3, 4]
-    if audit == "mutations":
-        assert by_op["open"]["flags"] == "O_WRONLY|O_APPEND"
-    else:
-        assert ops[-1]["path"] == "/\\xff-missing" and ops[-1]["result"] == "ENOENT"
+    timing = {"timestamp", "dur_us", "pid"}  # when, how long, which process: checked below
+    assert [{k: v for k, v in e.items() if k not in timing} for e in ops] == [
+        context | e for e in expected
+    ]
+    for event in ops:
+        assert set(event) <= COMMON | EXTRA.get(event["op"], set()), event  # documented
+        assert event["op"] in OP_NAMES
+        assert isinstance(event["dur_us"], int) and 0 <= event["dur_us"] < 10**7, event
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", event["timestamp"])
+    # One worker served them all: the one the master started (not the master itself).
+    spawned = [e["worker_pid"] for e in events if e["event"] == "worker spawned"]
+    assert {e["pid"] for e in ops} <= set(spawned[:1]) and len(spawned) == 1
 
 
 def test_security_refusals_are_warnings_at_every_level(tmp_path: Path) -> None:
