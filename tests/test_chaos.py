@@ -93,6 +93,7 @@ HARD_DEADLINE = 90.0  # seconds for the whole test, whatever happens
 XATTR = "user.chaos"
 LINK_TARGET = "some/where/else"
 SUMMARY = CHECKOUT / "var" / "chaos-summary.json"
+COVERAGE = CHECKOUT / "var" / "coverage"  # what each long test reached: scripts/test shows it
 DAEMON_LOG = CHECKOUT / "var" / "chaos-daemon.log"  # kept: pytest's tmp dirs rotate away
 
 TRANSPARENT = (
@@ -108,6 +109,13 @@ POISON_CLOSE = "poison connection closed"
 # and while its reply is sent, as fates_of_kills() names them.
 EXECUTING_FATES = {"request executed again", "answered EIO"}
 REPLYING_FATES = {"reply had been sent", f"closed: {REPLY_UNKNOWN}"}
+
+
+def write_coverage(name: str, line: str, **figures: Any) -> None:
+    """Record what a long test reached, as one short phrase (`line`) and its figures, in
+    var/coverage/NAME.json; scripts/test prints the phrases after the suite."""
+    COVERAGE.mkdir(parents=True, exist_ok=True)
+    (COVERAGE / f"{name}.json").write_text(json.dumps({"line": line, **figures}) + "\n")
 
 
 # --- what a client writes: reproducible from (client, round), so the host check can
@@ -798,6 +806,15 @@ def test_chaos_kills_busy_workers_under_load(tmp_path: Path) -> None:
     )
     SUMMARY.parent.mkdir(exist_ok=True)
     SUMMARY.write_text(json.dumps(summary, indent=2) + "\n")
+    closes = summary["closed_reply_state_unknown"] + summary["closed_poison"]
+    write_coverage(
+        "chaos",
+        f"chaos: {summary['kills']} kills, {summary['in_flight'][EXECUTING]} while executing, "
+        f"{summary['in_flight'][REPLYING]} while replying, {closes} connections closed",
+        kills=summary["kills"],
+        in_flight=summary["in_flight"],
+        closes=closes,
+    )
     shutil.copyfile(d.log_path, DAEMON_LOG)
     print_summary(summary)
     found = failures(summary)

@@ -57,6 +57,7 @@ from tests.proxyclient import (
     errno_of,
     start_server,
 )
+from tests.test_chaos import write_coverage
 
 WORKER_CAPS = 0x80000DB  # CHOWN DAC_OVERRIDE FOWNER FSETID SETGID SETUID MKNOD
 OLD_ATIME_NS = 1_000_000_000 * 10**9  # 2001: any read under relatime moves it
@@ -969,6 +970,13 @@ def test_directory_swapped_for_outward_symlink_race(tmp_path: Path, host: Host) 
         f"directory/symlink swap race, {time.monotonic() - started:.1f} s: {attempts} requests, "
         f"descriptors {sides}, {overlapped} requests executed during a rename"
     )
+    write_coverage(
+        "swap-race-directory",
+        f"directory/symlink swap: {sides['directory']} via the directory, {sides['symlink']} "
+        f"via the symlink, {overlapped} during a rename",
+        sides=sides,
+        during_a_rename=overlapped,
+    )
     host.assert_untouched(f"directory/symlink swap race ({attempts} requests)")
 
 
@@ -1016,6 +1024,12 @@ def test_regular_file_swapped_for_device_race(tmp_path: Path, host: Host) -> Non
         watcher.close()
     took = time.monotonic() - started
     print(f"device swap race, {took:.1f} s: {sides['file']} file descriptors, refusals {errnos}")
+    write_coverage(
+        "swap-race-device",
+        f"file/device swap: {sides['file']} as the file, {sides['device']} as the device",
+        sides=sides,
+        refusals=errnos,
+    )
     assert not opened, f"the device node was opened: {opened}"
     assert min(sides.values()) >= RACE_SIDES, (
         f"the race was not run both ways in {took:.0f} s: {sides}, refusals {errnos}"

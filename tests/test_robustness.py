@@ -87,7 +87,7 @@ from tests.proxyclient import (
     pack_s,
     unpack_s,
 )
-from tests.test_chaos import EXECUTING, aim_at
+from tests.test_chaos import EXECUTING, aim_at, write_coverage
 
 EXPORT = "r"
 CRASHES = ("worker died", "worker crashed", "request failed unexpectedly", "non-JSON line")
@@ -789,6 +789,7 @@ def test_worker_descriptors_and_memory_stay_flat_over_many_requests(tmp_path: Pa
             f" {fds} -> {after}; worker {mem} -> {mem_after} kB; master {master_mem} ->"
             f" {master_after} kB"
         )
+        write_coverage("many-requests", f"{done} requests on one connection", requests=done)
         assert after == fds
         assert mem_after["VmRSS"] - mem["VmRSS"] < 2048
         assert master_after["VmRSS"] - master_mem["VmRSS"] < 2048
@@ -835,6 +836,7 @@ def test_master_descriptors_and_memory_stay_flat_over_many_connections(tmp_path:
             f" spawned; master fds {fds} -> {fd_count(master) - len(d.workers())}, memory {mem} ->"
             f" {memory_kb(master)} kB"
         )
+        write_coverage("many-connections", f"{done} connections", connections=done)
         assert fd_count(master) - len(d.workers()) == fds
         assert memory_kb(master)["VmRSS"] - mem["VmRSS"] < 2048
         assert not crashes(LogTail(d.log_path).new())
@@ -963,6 +965,15 @@ def test_no_acknowledged_write_is_lost_while_workers_are_killed(tmp_path: Path) 
             f"\nfiles: {len(acknowledged)} renames acknowledged, {len(verified)} verified after an"
             f" unknown outcome, {len(lost)} lost; {len(killed)} workers killed;"
             f" client {dict(writer.counts)}; recoveries {dict(outcomes)}; closes {closes}"
+        )
+        write_coverage(
+            "writes-under-kills",
+            f"writes under kills: {len(killed)} kills, {writer.counts['EIO']} requests cut "
+            f"short, {writer.counts['renames cut short']} of them renames, {len(lost)} lost",
+            kills=len(killed),
+            cut_short=writer.counts["EIO"],
+            renames_cut_short=writer.counts["renames cut short"],
+            lost=len(lost),
         )
         assert not errors, errors
         assert not lost, lost
