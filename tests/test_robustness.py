@@ -94,8 +94,10 @@ CRASHES = ("worker died", "worker crashed", "request failed unexpectedly", "non-
 # The long runs: as many as fit in their time budget (the numbers are printed).
 # Run to the count, however long it takes (measured: 5 s and 4 s on a 2-core machine).
 MANY_REQUESTS, MANY_CONNECTIONS = 100_000, 10_000
-KILLING_S = 20.0  # how long workers are killed under the writing client
-MIN_CUT_SHORT, MIN_RENAMES_CUT = 50, 20  # requests, and renames, a death cut short
+# Requests, and renames, a death must cut short: the writer goes on until both counts
+# are reached (measured: 20 s alone, 25-30 s beside a CPU hog), KILLING_LIMIT at most.
+MIN_CUT_SHORT, MIN_RENAMES_CUT = 50, 20
+KILLING_LIMIT = 180.0
 
 # Wire layout of every request (docs/protocol.md): s = path or name (NUL-checked),
 # v = raw string (an xattr value), d = i32, q = i64.
@@ -944,9 +946,11 @@ def test_no_acknowledged_write_is_lost_while_workers_are_killed(tmp_path: Path) 
         acknowledged, verified = [], []
         killer.start()
         try:
-            deadline = time.monotonic() + KILLING_S
-            i = 0
-            while time.monotonic() < deadline:
+            started, i = time.monotonic(), 0
+            while (
+                writer.counts["EIO"] < MIN_CUT_SHORT
+                or writer.counts["renames cut short"] < MIN_RENAMES_CUT
+            ) and time.monotonic() - started < KILLING_LIMIT:
                 (acknowledged if writer.write_file(i) else verified).append(i)
                 i += 1
         finally:
@@ -980,8 +984,7 @@ def test_no_acknowledged_write_is_lost_while_workers_are_killed(tmp_path: Path) 
         assert not list(export.glob("*.tmp"))
         # What the test is about: writes cut short by a death. A kill while a change
         # executes is answered EIO (the writer saw each one), and a RENAME so cut short
-        # was checked and found done or not done (measured: 147 EIO, 78 of them
-        # renames, of 165 kills).
+        # was checked and found done or not done.
         assert writer.counts["EIO"] == outcomes["answered EIO"] >= MIN_CUT_SHORT
         assert writer.counts["renames cut short"] >= MIN_RENAMES_CUT
         assert len(acknowledged) >= 100
