@@ -283,7 +283,7 @@ def test_huge_fields_are_cut_to_fit_a_pipe_write(tmp_path: Path) -> None:
     long_path = "/" + "x" * 60000
     assert errno_of(served.client.lstat(long_path)) == errno.ENAMETOOLONG
     served.client.close()
-    served.proc.wait(10)
+    assert served.proc.wait(10) == 0  # -f: the connection ended, proxyd stopped normally
     lines = served.log_path.read_bytes().splitlines()
     assert max(len(line) for line in lines) < 4096
     (event,) = [json.loads(line) for line in lines if b'"event":"op"' in line]
