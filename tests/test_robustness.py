@@ -780,7 +780,7 @@ def test_worker_descriptors_and_memory_stay_flat_over_many_requests(tmp_path: Pa
     with start(tmp_path, audit="none") as d:
         client, conn = connect(d)
         worker, master = d.serving_worker(conn), d.proc.pid
-        run_mixed(client, 3000)  # warm-up
+        warm = run_mixed(client, 3000)
         fds, mem, master_mem = fd_count(worker), memory_kb(worker), memory_kb(master)
         started = time.monotonic()
         done = run_mixed(client, MANY_REQUESTS)
@@ -796,6 +796,10 @@ def test_worker_descriptors_and_memory_stay_flat_over_many_requests(tmp_path: Pa
         assert mem_after["VmRSS"] - mem["VmRSS"] < 2048
         assert master_after["VmRSS"] - master_mem["VmRSS"] < 2048
         assert d.serving_worker(conn) == worker and not crashes(LogTail(d.log_path).new())
+        client.close()  # the daemon's own count: connect()'s LSTAT, the warm-up, the run
+        closed = d.wait_event("connection closed", conn=conn)[-1]
+        rounds = (warm + done) // len(MIXED)  # each with two requests answered ENOENT
+        assert (closed["requests"], closed["errors"]) == (1 + warm + done, 2 * rounds)
 
 
 def test_master_descriptors_and_memory_stay_flat_over_many_connections(tmp_path: Path) -> None:
