@@ -334,7 +334,12 @@ def test_sigusr1_reopens_the_log_file_in_master_and_workers(tmp_path: Path) -> N
         rotated = tmp_path / "proxyd.json.1"
         os.rename(log_file, rotated)  # what logrotate does
         d.signal(signal.SIGUSR1)
-        wait_until(log_file.exists, what="the reopened file")
+        # Not just the file: the master opens it, then hands it to every worker, then
+        # says so. A request before that is still logged to the old file.
+        wait_until(
+            lambda: log_file.exists() and '"event":"log reopened"' in log_file.read_text(),
+            what="the reopened file handed to the workers",
+        )
         busy.mkdir(0, 0, "/after-busy", 0o755)  # a worker that was busy all along
         idle = d.connect("a")  # a worker that was idle when the signal came
         idle.mkdir(0, 0, "/after-idle", 0o755)
