@@ -44,15 +44,16 @@ def error_lines(d: Daemon) -> list[dict[str, Any]]:
 
 
 def verified_io(socket_path: str, index: int, seconds: float, results: Any) -> None:
-    """CREATE + write, OPEN + read back, LSTAT, REMOVE, again and again; report the
-    completion time of every round, the slowest request and any error."""
+    """CREATE + write, OPEN + read back, LSTAT, REMOVE, again and again; report every
+    round (its completion time and its slowest request), the slowest request of all and
+    any error."""
     import socket as socket_module
 
     rng = random.Random(index)
     sock = socket_module.socket(socket_module.AF_UNIX)
     sock.connect(socket_path)
     client = ProxyClient(sock, timeout=30)
-    done: list[float] = []
+    done: list[tuple[float, float]] = []
     worst, errors = 0.0, []
     deadline = time.monotonic() + seconds
     n = 0
@@ -83,7 +84,7 @@ def verified_io(socket_path: str, index: int, seconds: float, results: Any) -> N
                 errors.append(f"lstat/remove {name}")
                 break
             worst = max(worst, *steps)
-            done.append(time.time())
+            done.append((time.time(), max(steps)))
             n += 1
     except Exception as e:  # reported to the test, which fails on it
         errors.append(repr(e))
@@ -109,8 +110,15 @@ def run_clients(d: Daemon, export: str, count: int, seconds: float) -> list[tupl
     return out
 
 
-def rounds_in(out: list[tuple], windows: list[tuple[float, float]]) -> int:
-    return sum(1 for _, done, _, _ in out for t in done for lo, hi in windows if lo <= t < hi)
+def rounds_in(out: list[tuple], windows: list[tuple[float, float]]) -> list[float]:
+    """The rounds completed in `windows`, each as its slowest request (seconds)."""
+    return [
+        slowest
+        for _, done, _, _ in out
+        for t, slowest in done
+        for lo, hi in windows
+        if lo <= t < hi
+    ]
 
 
 # --- 11.4 reloads cost nothing to exports they do not change ------------------------------
@@ -122,9 +130,10 @@ WINDOWS = 6
 
 def test_reload_storm_keeps_throughput_and_workers(tmp_path: Path) -> None:
     """SIGHUP 20 times a second, in alternating windows, while 8 clients do verified I/O:
-    the storm windows keep >= 80 % of the quiet windows' throughput, no request waits
-    a second (time is the behaviour under test here; 1 s is 50x a loaded request), no
-    error line is written, and no worker is replaced (the configuration is unchanged)."""
+    the storm windows keep >= 80 % of the quiet windows' throughput, no request in them
+    waits a second or three times the quiet windows' slowest (time is the behaviour
+    under test here), no error line is written, and no worker is replaced (the
+    configuration is unchanged)."""
     with Daemon(tmp_path, [{"name": "a", "min_idle": 2, "max_workers": 12}]) as d:
         start = time.time() + 1.0  # the clients connect and warm up first
         windows = [(start + i * WINDOW, start + (i + 1) * WINDOW) for i in range(WINDOWS)]
@@ -149,11 +158,17 @@ def test_reload_storm_keeps_throughput_and_workers(tmp_path: Path) -> None:
         assert not errors, errors
         during, before = rounds_in(out, storm), rounds_in(out, quiet)
         reloads = len(d.events("reload applied"))
-        print(f"reload storm: {reloads} reloads; rounds quiet {before}, storm {during}")
+        slowest = {"quiet": max(before, default=0.0), "storm": max(during, default=0.0)}
+        print(
+            f"reload storm: {reloads} reloads; rounds quiet {len(before)}, storm {len(during)};"
+            f" slowest request {slowest}"
+        )
         assert reloads >= STORM_HZ * WINDOW  # the storm really happened
-        assert during >= 0.8 * before, (during, before)
-        worst = max(w for _, _, w, _ in out)
-        assert worst < 1.0, worst
+        assert len(during) >= 0.8 * len(before), (len(during), len(before))
+        # Time is the behaviour: a storm must hold no request up. Load alone makes some
+        # request slow in quiet and storm windows alike (beside a CPU hog: over 1 s), so
+        # the bound is 1 s (50x a loaded request) or 3x the quiet windows' slowest.
+        assert slowest["storm"] < max(1.0, 3 * slowest["quiet"]), slowest
         assert not error_lines(d), error_lines(d)
         assert not d.events("worker exited") and not d.events("worker died")
         assert all(e["replaced"] == [] for e in d.events("reload applied"))
