@@ -98,6 +98,26 @@ def mounts_below(path: Path, pid: int | str = "self") -> dict[str, Mount]:
     return found
 
 
+def mounts_changed(before: list[Mount], own: Path) -> list[str]:
+    """How this process's mount table differs from `before`, as far as it is this test's
+    business on a machine shared with other tests: a mount there before and after
+    (same id, same place) whose options, propagation or type changed, or a mount that
+    came or went at or below `own` (the test's directory, where a worker's bind mount
+    of the export would show). Others come and go with other processes' work."""
+
+    def key(m: Mount) -> tuple[int, str]:  # ids are reused: with the place, one mount
+        return m.mount_id, m.mount_point
+
+    def ours(m: Mount) -> bool:
+        return m.mount_point == str(own) or m.mount_point.startswith(f"{own}/")
+
+    was, now = {key(m): m for m in before}, {key(m): m for m in mountinfo()}
+    changed = [f"{was[k]} -> {now[k]}" for k in was.keys() & now.keys() if was[k] != now[k]]
+    changed += [f"new {now[k]}" for k in now.keys() - was.keys() if ours(now[k])]
+    changed += [f"gone {was[k]}" for k in was.keys() - now.keys() if ours(was[k])]
+    return changed
+
+
 def settled(d: Daemon, count: int) -> list[int]:
     """The daemon's workers, once there are `count` and each is sandboxed (serving or
     idle, not starting): their /proc/PID/mountinfo is the worker's view then."""
@@ -268,7 +288,7 @@ def serve_and_record(kind: str, tmp: Path, options: str, layout: str) -> dict[st
             "replies": replies,
             "before": before,
             "after": snapshot(export),
-            "host mounts unchanged": mountinfo() == mounts_before,
+            "host mounts changed": mounts_changed(mounts_before, tmp),
         }
     finally:
         unmount_all(export)
@@ -305,7 +325,7 @@ def test_a_restricted_mount_answers_as_the_reference(
             if run["before"].get(path) != run["after"].get(path)
         }
         assert not changed, f"{who} changed the host tree: {changed}"
-        assert run["host mounts unchanged"], f"{who}: the host's mounts changed"
+        assert not run["host mounts changed"], f"{who}: {run['host mounts changed']}"
 
 
 def test_worker_mounts_keep_every_host_flag(tmp_path: Path) -> None:
@@ -343,7 +363,7 @@ def test_worker_mounts_keep_every_host_flag(tmp_path: Path) -> None:
                         f"worker {pid}, {place}: {sorted(seen[place].options)}, "
                         f"host {sorted(m.options)}"
                     )
-            assert mountinfo() == host_before, "the workers' mounts showed on the host"
+            assert not mounts_changed(host_before, tmp_path), "the workers' mounts showed"
     finally:
         unmount_all(export)
 
@@ -430,7 +450,7 @@ def test_worker_namespace_is_a_slave_of_a_shared_host(
             root = worker_view(pid)["/"]
             assert f"master:{group}" in root.tags, f"worker {pid}: {sorted(root.tags)}"
             assert not [t for t in root.tags if t.startswith("shared:")], sorted(root.tags)
-        assert mountinfo() == before, "a worker's mount showed on the host"
+        assert not mounts_changed(before, tmp_path), "a worker's mount showed on the host"
 
 
 @pytest.mark.parametrize("layout", ["root", "below"])
@@ -446,7 +466,7 @@ def test_host_mount_in_a_shared_export_reaches_every_worker(
         busy = d.connect("a")
         assert busy.lstat("/").ok
         forked_before = settled(d, 3)
-        assert mountinfo() == before, "a worker's mount showed on the host"
+        assert not mounts_changed(before, tmp_path), "a worker's mount showed on the host"
         try:
             # Stopped, the workers forked before the mount cannot be replaced by the
             # master (which also reacts to the mount): what they see then came to them
@@ -473,7 +493,7 @@ def test_host_mount_in_a_shared_export_reaches_every_worker(
             unmount_all(export / "sub")
         assert not (export / "sub" / "g").exists(), "CREATE landed under the host's mount"
         assert errno_of(busy.lstat("/sub/f")) == errno.ENOENT  # the unmount reached it too
-    assert mountinfo() == before
+    assert not mounts_changed(before, tmp_path)
 
 
 @pytest.mark.parametrize("layout", ["root", "below"])
