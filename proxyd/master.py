@@ -41,6 +41,7 @@ from proxyd import (
     log,
     mounts,
     recovery,
+    sdnotify,
     service,
     slot,
     spawn,
@@ -139,6 +140,8 @@ class Master:
         self.control: service.ControlService | None = None
         if control_listener is not None:
             self.start_control(control_listener)
+        # systemd's notify socket, watchdog and fd store (read once: no worker sees them).
+        self.notify = sdnotify.Notifier.from_environment()
 
     def start_control(self, control_listener: listener.Listener) -> None:
         """Answer on the control socket (proxyd/service.py)."""
@@ -189,6 +192,7 @@ class Master:
             for export in self.config.exports:
                 self.new_pool(export)
         adopt.adopt_orphans(self)  # before any worker of ours starts: they keep their numbers
+        self.notify.restore(self)  # what systemd's fd store kept of a master that died
         for pool in self.pools.values():
             self.sockets.open(pool, self._bound.pop(pool.name, None))
             self._dispatch(pool)
@@ -207,6 +211,7 @@ class Master:
                 self.reload()
             self._housekeeping()
         self._shutdown()
+        self.notify.forget_store()  # a stop: no copy may keep a guest's connection open
         return self.exit_code
 
     def _finished(self) -> bool:
@@ -246,6 +251,7 @@ class Master:
         self.recovery.expire(now, stopping=self.stop_deadline is not None)
         if self.control is not None:
             self.control.expire(now)
+        self.notify.tick(self)  # watchdog, readiness, status line, fd store: systemd
 
     # --- signals: the handlers only wake the loop ----------------------------------------
 
@@ -339,7 +345,14 @@ class Master:
 
     def reload(self) -> str | None:
         """Re-read the configuration and apply it (apply_configuration). Returns why
-        the reload was refused, or None when it was applied."""
+        the reload was refused, or None when it was applied. systemd hears of it
+        (RELOADING=1, then READY=1)."""
+        self.notify.reloading("reloading the configuration")
+        refused = self._reload()
+        self.notify.reloaded(self, None if refused is None else f"reload refused: {refused}")
+        return refused
+
+    def _reload(self) -> str | None:
         if self.stop_deadline is not None:
             return "the daemon is stopping"
         try:
@@ -444,13 +457,16 @@ class Master:
             return "the daemon is stopping"
         command = upgrade.program()
         self.log.info("upgrade started", version=__version__, program=command[0])
+        self.notify.reloading("upgrading")  # the new program sends READY=1, same pid
         refusal, said = upgrade.check(command, self.argv)
         if refusal is None:
             document = handover.state(self, reply_to)
             self.log.info("upgrade handing over", to_version=said.get("version"))
-            refusal = upgrade.execute(command, self.argv, document, HANDLED_SIGNALS)
+            with self.notify.exported():
+                refusal = upgrade.execute(command, self.argv, document, HANDLED_SIGNALS)
         self.counters["upgrades_refused"] += 1
         self.log.warning("upgrade refused", reason=refusal, version=__version__)
+        self.notify.reloaded(self, f"upgrade refused: {refusal}")
         return refusal
 
     # --- exports ----------------------------------------------------------------------------
@@ -590,6 +606,7 @@ class Master:
         journal = w.journal
         journal.reset()
         journal.fields[slot.ACCEPTED] = int(conn.accepted)  # for a master that adopts it
+        journal.fields[slot.CONN] = conn.id  # for one that takes it back from systemd's store
         if conn.prefix:
             journal.request[: len(conn.prefix)] = conn.prefix
             journal.fields[slot.HAVE] = len(conn.prefix)
@@ -849,6 +866,7 @@ class Master:
             connections=len(self.connections),
             timeout_s=self.config.stop_timeout,
         )
+        self.notify.stopping_now(self, why)
         for pool in self.pools.values():
             self.sockets.close(pool)
             while pool.pending:
