@@ -397,19 +397,20 @@ def _check_idmappable(export: ExportConfig, where: str) -> None:
     filesystem, or a mount below it, cannot be ID-mapped is refused here, not served
     unmapped."""
     with open(mounts.MOUNTINFO, "rb") as f:
-        points = sorted(m[1] for m in mounts.below(mounts.parse(f.read()), export.path))
+        below = sorted(m[1] for m in mounts.below(mounts.parse(f.read()), export.path))
+    # The export's own filesystem first (its directory need not be a mount point).
+    points = [export.path] + [os.fsdecode(p) for p in below if p != os.fsencode(export.path)]
     try:
-        privileges.check_idmappable(
-            export.path, export.uid_map, export.gid_map, [os.fsdecode(p) for p in points]
-        )
+        privileges.check_idmappable(export.path, export.uid_map, export.gid_map, points)
     except OSError as e:
         why = {
             errno.EINVAL: "the filesystem does not support ID-mapped mounts",
             errno.EPERM: "already ID-mapped, or not permitted",
         }.get(e.errno or 0, "")
         raise ConfigError(
-            f"{where}.uid_map: '{export.path}' cannot be ID-mapped: {e}"
-            + (f" ({why})" if why else "")
+            f"{where}.uid_map: '{export.path}' cannot be ID-mapped: {e.strerror or e}"
+            + (f" ({why})" if why else ""),
+            EXIT_EXPORT,
         ) from None
 
 
