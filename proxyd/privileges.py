@@ -260,19 +260,6 @@ def _mapping_namespace(uid_map: IdMap, gid_map: IdMap) -> int:
         os.waitpid(pid, 0)
 
 
-def _mount_attr_call(fd: int, attr: _MountAttr, recursive: bool) -> None:
-    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
-    ret = _libc.syscall(
-        _SYS_MOUNT_SETATTR,
-        ctypes.c_int(fd),
-        b"",
-        ctypes.c_uint(flags),
-        ctypes.byref(attr),
-        ctypes.c_size_t(ctypes.sizeof(attr)),
-    )
-    _check(ret, "mount_setattr(MOUNT_ATTR_IDMAP)")
-
-
 def idmapped_tree(path: str, userns_fd: int, recursive: bool = True) -> int:
     """A detached copy of the mounts at `path` (and below it, when `recursive`), each
     ID-mapped through the user namespace `userns_fd`, with nodev, nosuid and noexec
@@ -283,8 +270,8 @@ def idmapped_tree(path: str, userns_fd: int, recursive: bool = True) -> int:
     would arrive without the mapping. The master replaces the workers instead (as on a
     host whose mounts are private). mount_setattr(2): the mounts must not be attached
     yet (open_tree(OPEN_TREE_CLONE)) nor ID-mapped already (EPERM), and every
-    filesystem must support ID-mapped mounts (EINVAL otherwise: Linux 6.18 has ext4,
-    xfs, btrfs, tmpfs, overlayfs ... but not ramfs, proc). Raises OSError.
+    filesystem must support ID-mapped mounts (EINVAL otherwise; on Linux 6.18 ext4,
+    xfs, btrfs and tmpfs do, ramfs, overlayfs and proc do not). Raises OSError.
     """
     flags = OPEN_TREE_CLONE | os.O_CLOEXEC | (AT_RECURSIVE if recursive else 0)
     fd = _libc.syscall(
@@ -293,14 +280,22 @@ def idmapped_tree(path: str, userns_fd: int, recursive: bool = True) -> int:
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"open_tree(OPEN_TREE_CLONE): {os.strerror(err)}")
+    attr = _MountAttr(
+        MOUNT_ATTR_IDMAP | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
+        0,
+        MS_PRIVATE,
+        userns_fd,
+    )
     try:
-        attr = _MountAttr(
-            MOUNT_ATTR_IDMAP | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
-            0,
-            MS_PRIVATE,
-            userns_fd,
+        ret = _libc.syscall(
+            _SYS_MOUNT_SETATTR,
+            ctypes.c_int(fd),
+            b"",
+            ctypes.c_uint(AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)),
+            ctypes.byref(attr),
+            ctypes.c_size_t(ctypes.sizeof(attr)),
         )
-        _mount_attr_call(fd, attr, recursive)
+        _check(ret, "mount_setattr(MOUNT_ATTR_IDMAP)")
     except BaseException:
         os.close(fd)
         raise
