@@ -191,6 +191,14 @@ def format_status(status: dict[str, Any]) -> str:
     for e in status["exports"]:
         if not e.get("available", True):
             lines += ["", f"export {e['name']} unavailable: {e['unavailable_reason']}"]
+    mapped = [e for e in status["exports"] if e.get("uid_map")]
+    if mapped:
+        lines.append("")
+    for e in mapped:
+        lines.append(
+            f"export {e['name']} ID-mapped [guest_first, host_first, count]: "
+            f"uid_map {e['uid_map']}, gid_map {e['gid_map']}"
+        )
     counters = status["counters"]
     lines += [
         "",

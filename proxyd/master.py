@@ -182,6 +182,7 @@ class Master:
             source=self.config.source,
             config_digest=_digest(self.config),
             exports=[e.name for e in self.config.exports],
+            id_mapped=[e.name for e in self.config.exports if e.id_mapped],
             audit=self.config.audit,
         )
         self.sockets.warn_if_short(self.config)

@@ -160,6 +160,8 @@ def status_document(master: Master) -> dict[str, Any]:
                 "path": pool.config.path,
                 "socket": pool.config.socket,
                 "readonly": pool.config.readonly,
+                "uid_map": [list(r) for r in pool.config.uid_map],  # empty: not ID-mapped
+                "gid_map": [list(r) for r in pool.config.gid_map],
                 "min_idle": pool.min_idle,
                 "max_workers": pool.config.max_workers,
                 "workers": len(states),
