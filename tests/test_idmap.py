@@ -141,12 +141,11 @@ OUTSIDE_OWNER: dict[str, tuple[Callable[[ProxyClient, str], Reply], str]] = {
     "lremovexattr": (lambda c, p: c.lremovexattr(p, "user.keep"), "EPERM"),
     "chown into the range": (lambda c, p: c.chown(p, 1000, 1000), "ok"),
 }
-# In a directory owned by OUTSIDE: nothing can be created, even where its mode allows.
-# (CREATE gets ENOENT, not the kernel's EACCES: proxyd's open looks again after an EACCES,
-# to tell a device refused by nodev from the rest, and finds nothing there.)
+# In a directory owned by OUTSIDE: nothing can be created, even where its mode allows
+# (the kernel's EACCES, for every request type).
 IN_OUTSIDE_DIRECTORY: dict[str, tuple[Callable[[ProxyClient, str], Reply], str]] = {
     "mkdir": (lambda c, d: c.mkdir(0, 0, f"{d}/new", 0o755), "EACCES"),
-    "create": (lambda c, d: c.create(f"{d}/new", C | W, 0o644, 0, 0), "ENOENT"),
+    "create": (lambda c, d: c.create(f"{d}/new", C | W, 0o644, 0, 0), "EACCES"),
     "mknod": (lambda c, d: c.mknod(0, 0, f"{d}/new", stat.S_IFIFO | 0o644, 0), "EACCES"),
     "symlink": (lambda c, d: c.symlink(0, 0, "t", f"{d}/new"), "EACCES"),
 }
