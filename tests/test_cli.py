@@ -295,6 +295,17 @@ def _loud(events: list[dict]) -> list[dict]:
     return [e for e in events if e.get("level") in ("error", "critical")]
 
 
+def test_help_names_every_command() -> None:
+    result = run("--help")
+    assert result.returncode == 0, result.stderr
+    for command in ("status", "reload", "stop", "upgrade", "audit"):
+        assert f"\n  proxyd {command} " in result.stdout, command
+        own = run(command, "--help")
+        assert own.returncode == 0 and f"proxyd {command}" in own.stdout, own
+    # -n: stderr only without a log file; detached: log file or syslog.
+    assert "with -n on stderr, or only to log_file when one is set" in result.stdout
+
+
 def _once_daemon(export: Path, sock_path: Path) -> subprocess.Popen:
     proc = subprocess.Popen(
         [*PROXYD, "-n", "--once", "-p", str(export), "-s", str(sock_path), "-u", "0", "-g", "0"],
@@ -465,3 +476,103 @@ def test_a_second_proxyd_probing_a_live_socket_is_no_connection(
         assert "connections" not in json.loads(status.stdout)["counters"]
         assert not d.events("connection accepted") and not d.events("bad control request")
         assert not (tmp_path / "o.sock").exists()  # the refused one left nothing behind
+
+
+def test_the_pidfile_exists_when_the_detaching_command_returns(
+    export: Path, tmp_path: Path
+) -> None:
+    """Five detached starts: each time the command returns 0 with the pidfile already
+    naming the live master (the launching process waits for the daemon's word). A
+    pidfile that cannot be written is one error line on the terminal, exit code 2, and
+    nothing left listening."""
+    pidfile = tmp_path / "proxyd.pid"
+    args = ("-p", str(export), "-s", str(tmp_path / "p.sock"), "-u", "0", "-g", "0")
+    log = ("--log-file", str(tmp_path / "proxyd.log"))
+    for _ in range(5):
+        assert run(*args, *log, "--pidfile", str(pidfile)).returncode == 0
+        pid = int(pidfile.read_text())  # no wait: it must be there already
+        assert _alive(pid)
+        assert Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"proxyd: master")
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while _alive(pid) or pidfile.exists():
+            assert time.monotonic() < deadline, "daemon did not stop"
+            time.sleep(0.05)
+    for detach in ((), ("-n",)):
+        failed = run(*args, *log, *detach, "--pidfile", str(tmp_path / "missing" / "pid"))
+        one_line_error(failed, 2, "pidfile '")
+        assert "No such file or directory" in failed.stderr
+        assert not (tmp_path / "p.sock").exists()
+
+
+def test_reload_with_a_broken_file_reports_the_daemons_verdict(tmp_path: Path) -> None:
+    """`proxyd reload -c FILE` reads only the control socket from FILE: a FILE the
+    loader refuses (a bad value, or not TOML at all) still reaches the daemon, which
+    refuses it, logs it, and its reason is what the command prints (exit code 1). A
+    FILE naming no control socket leaves the default one, and the command says so."""
+    from tests.daemon import Daemon
+
+    control = str(tmp_path / "control.sock")
+    with Daemon(tmp_path, [{"name": "e"}], control_socket=control) as d:
+        good = d.config.read_text()
+        for n, broken in enumerate(
+            [
+                good.replace("[[export]]", "[[export]]\nmin_idle = 5\nmax_workers = 2"),
+                good + "\nthis is = not [ toml\n",
+            ],
+            start=1,
+        ):
+            d.config.write_text(broken)
+            result = run("reload", "-c", str(d.config))
+            assert result.returncode == 1, result
+            assert result.stderr.startswith("proxyd reload: error: reload refused: "), result
+            d.wait_event("reload refused", count=n)
+            assert d.events("reload refused")[-1]["error"] in result.stderr
+        d.config.write_text(good)
+        applied = run("reload", "-c", str(d.config))
+        assert applied.returncode == 0 and applied.stdout == "reload applied (generation 1)\n"
+    bare = tmp_path / "bare.toml"
+    bare.write_text("[[export]]\nname = 'x'\n")
+    for config, why in ((bare, "names no daemon.control_socket"), (tmp_path / "nope", "No such")):
+        said = run("status", "-c", str(config)).stderr.splitlines()[0]
+        assert said.startswith(f"proxyd status: {config}") and why in said, said
+        assert said.endswith(": using /run/proxyd/control.sock"), said
+
+
+def test_status_counts_agree_when_a_reload_moves_a_connection(tmp_path: Path) -> None:
+    """A connection served by one worker, moved by a reload to a fresh one: its
+    REQUESTS count both, BY_WORKER the fresh worker's, which is that worker's own
+    REQUESTS, and the WORKER column names it as the worker table does."""
+    import json
+    import re
+
+    from tests.daemon import Daemon, write_config
+
+    control = str(tmp_path / "control.sock")
+
+    def status() -> dict:
+        done = run("status", "--json", "--socket", control)
+        assert done.returncode == 0, done
+        return json.loads(done.stdout)
+
+    with Daemon(tmp_path, [{"name": "e"}], control_socket=control) as d:
+        client = d.connect("e")
+        assert client.lstat("/").ok
+        (first,) = status()["connections"]
+        write_config(d.config, {**d.daemon_settings, "audit": "all"}, list(d.exports.values()))
+        assert run("reload", "--socket", control).returncode == 0
+        assert client.lstat("/").ok  # the old worker hands the connection on at this boundary
+        d.wait_event("worker exited", worker_pid=first["worker_pid"])
+        assert client.lstat("/").ok
+        doc = status()
+        (conn,) = doc["connections"]
+        workers = {f"{w['export']}#{w['index']}": w for w in doc["workers"]}
+        serving = workers[conn["worker"]]
+        assert conn["worker"] != first["worker"] and serving["pid"] == conn["worker_pid"]
+        assert conn["requests"] == 3
+        assert serving["connections"] == 1
+        assert 1 <= conn["worker_requests"] == serving["requests"] < 3
+        table = run("status", "--socket", control).stdout
+        row = re.search(rf"^{conn['id']}\s+e\s.*$", table, re.M)
+        assert row and row[0].split()[-3:] == ["0", conn["worker"], str(serving["requests"])]
+        client.close()
