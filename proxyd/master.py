@@ -207,6 +207,8 @@ class Master:
                 # (a listener replaced by a re-bind): skip what is no longer registered.
                 if self.selector.get_map().get(key.fd) is key:
                     key.data(key.fileobj)
+                    if self.config.once and self.next_conn > 1:
+                        self._listen_no_more()
             if self.reload_wanted:  # any number of SIGHUPs since the last turn: one reload
                 self.reload_wanted = False
                 self.reload()
@@ -503,6 +505,10 @@ class Master:
         """A connection accepted on `pool`'s socket: refused (unavailable export, peer
         not allowed), or kept and queued for a worker."""
         pid, uid, gid = admission.peer(sock)
+        if self.config.once and self.next_conn > 1:  # queued behind the one --once serves
+            self.refusals.warn(pool.name, pid, uid, gid, "--once: one connection only")
+            sock.close()
+            return
         reason = admission.refusal(pool.config, uid, gid, self.connections.values())
         if pool.unavailable is not None:
             self.counters["refused_unavailable"] += 1
@@ -527,9 +533,16 @@ class Master:
         )
         if self.config.once:  # the reference's behaviour: one connection, then no more
             for other in self.pools.values():
-                self.sockets.close(other)
+                other.min_idle = 0  # so no spare worker is started for a next one
         pool.pending.append(conn)
         self._dispatch(pool)
+
+    def _listen_no_more(self) -> None:
+        """--once took its connection: close every export socket, as the reference closes
+        its listening socket after its one accept. Called after the accept batch that
+        took it, not from _admit: the socket must stay open under Sockets' accept loop."""
+        for pool in self.pools.values():
+            self.sockets.close(pool)
 
     def _hand_on(self, conn: Connection) -> None:
         """Back to its pool's queue, first in line (a recovered connection)."""
