@@ -75,6 +75,7 @@ def code_blocks(text: str) -> list[str]:
 # --- configuration: README's table, conf/proxyd.toml, the loader ---------------------------
 
 REQUIRED = "required"
+NOTHING = (None, ())  # what the loader holds for a key README calls "none"
 # conf/proxyd.toml sets these to something else than the default, and says so.
 CONF_SETS = {"control_socket": "the path proxyd status and the supervisorctl plugin use"}
 
@@ -185,7 +186,7 @@ def config_disagreements(readme: str, conf: str, tmp: Path) -> list[str]:
             kind, toml = readme_default(cell)
             if kind == "unreadable":
                 problems.append(f"README: {name}: cannot read the default {cell!r}")
-            elif required != (kind == REQUIRED) or (kind == "none" and default is not None):
+            elif required != (kind == REQUIRED) or (kind == "none" and default not in NOTHING):
                 problems.append(f"README: {name} is {cell!r}, the loader {said}")
             elif kind == "value" and probe.value(where, key, toml) != default:
                 problems.append(f"README: {name} defaults to {toml}, the loader to {default!r}")
@@ -193,7 +194,7 @@ def config_disagreements(readme: str, conf: str, tmp: Path) -> list[str]:
             problems.append(f"conf/proxyd.toml does not show {name}")
             continue
         toml = shown[(where, key)]
-        if toml is None and default is not None:
+        if toml is None and default not in NOTHING:
             problems.append(f"conf/proxyd.toml shows {name} commented out, the loader {said}")
         elif toml is None or required or key in CONF_SETS:
             continue
@@ -215,7 +216,7 @@ def test_the_configuration_check_names_each_disagreement(tmp_path: Path) -> None
     altered_readme = (
         re.sub(r"^\| `seccomp` .*\n", "", readme, flags=re.M)
         .replace("| `stop_timeout` | `5.0` |", "| `stop_timeout` | `10.0` |")
-        .replace("| `readonly` | `false` |", "| `readonly` | `false` |\n| `uid_map` | `[]` | x |")
+        .replace("| `readonly` | `false` |", "| `readonly` | `false` |\n| `uid_mapping` | `[]` | x |")
     )
     altered_conf = conf.replace("\nmin_idle = 1\n", "\nmin_idle = 2\n").replace(
         "\nseccomp = ", "\n# seccomp = "
@@ -224,7 +225,7 @@ def test_the_configuration_check_names_each_disagreement(tmp_path: Path) -> None
     expected = [
         "README's configuration table lacks [daemon] seccomp",
         "README: [daemon] stop_timeout defaults to 10.0, the loader to 5.0",
-        "README documents [export] uid_map, which the loader does not know",
+        "README documents [export] uid_mapping, which the loader does not know",
         "conf/proxyd.toml sets [export] min_idle = 2, the loader defaults it to 1",
         "conf/proxyd.toml shows [daemon] seccomp commented out, the loader defaults it to 'kill'",
     ]
