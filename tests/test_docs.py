@@ -216,7 +216,7 @@ def test_the_configuration_check_names_each_disagreement(tmp_path: Path) -> None
     altered_readme = (
         re.sub(r"^\| `seccomp` .*\n", "", readme, flags=re.M)
         .replace("| `stop_timeout` | `5.0` |", "| `stop_timeout` | `10.0` |")
-        .replace("| `readonly` | `false` |", "| `readonly` | `false` |\n| `uid_mapping` | `[]` | x |")
+        .replace("| `readonly` | `false` |", "| `readonly` | `false` |\n| `ids_map` | `[]` | x |")
     )
     altered_conf = conf.replace("\nmin_idle = 1\n", "\nmin_idle = 2\n").replace(
         "\nseccomp = ", "\n# seccomp = "
@@ -225,7 +225,7 @@ def test_the_configuration_check_names_each_disagreement(tmp_path: Path) -> None
     expected = [
         "README's configuration table lacks [daemon] seccomp",
         "README: [daemon] stop_timeout defaults to 10.0, the loader to 5.0",
-        "README documents [export] uid_mapping, which the loader does not know",
+        "README documents [export] ids_map, which the loader does not know",
         "conf/proxyd.toml sets [export] min_idle = 2, the loader defaults it to 1",
         "conf/proxyd.toml shows [daemon] seccomp commented out, the loader defaults it to 'kill'",
     ]
