@@ -316,6 +316,15 @@ def test_guest_keeps_its_mount_while_busy_workers_are_killed(tmp_path: Path) -> 
             elif e["outcome"] == "answered EIO":
                 assert e["op"] in MUTATING_OPS | {"open"}, e
         in_flight = outcomes["request executed again"] + outcomes["answered EIO"]
+        # For scripts/test's line (imported here: tests/test_chaos.py imports this file).
+        from tests.test_chaos import write_coverage
+
+        write_coverage(
+            "guest-soak",
+            f"guest soak: {len(killer.kills)} kills, {in_flight} while executing",
+            kills=len(killer.kills),
+            executing=in_flight,
+        )
         assert in_flight >= MIN_IN_FLIGHT, f"only {in_flight} kills hit a request executing"
 
         # What stress-ng saw: EIO from calls that change the export, each one an EIO reply
