@@ -14,7 +14,7 @@ import stat
 import sys
 from typing import Any
 
-from proxyd import __version__, control, handover, listener, log, sink
+from proxyd import __version__, control, handover, listener, log, metrics, sink
 from proxyd.config import EXIT_INTERNAL, EXIT_SOCKET_IN_USE, Config, ConfigError, parse_args
 from proxyd.master import Master
 from proxyd.title import set_title
@@ -132,11 +132,15 @@ def serve(config: Config, argv: list[str]) -> int:
         for done in bound.values():
             done.close()
         raise
+    metrics_listener = None
     try:
+        metrics_listener = metrics.bind(config.metrics_listen) if config.metrics_listen else None
         destination = _log_destination(config)
     except ConfigError:
         for done in [*bound.values(), *([control_listener] if control_listener else [])]:
             done.close()
+        if metrics_listener is not None:
+            metrics_listener.close()
         raise
     if config.daemonize:
         daemonize()
@@ -152,7 +156,9 @@ def serve(config: Config, argv: list[str]) -> int:
     set_title(f"master [{config.source}]")  # before the pidfile names this process
     written = None if config.pidfile is None else _write_pidfile(config.pidfile)
     try:
-        return Master(config, bound, control_listener, argv=argv).run()
+        return Master(
+            config, bound, control_listener, argv=argv, metrics_listener=metrics_listener
+        ).run()
     finally:
         if config.pidfile is not None and written is not None:
             _remove_pidfile(config.pidfile, written)

@@ -25,6 +25,7 @@ from typing import Any
 
 from proxyd import protocol as p
 from proxyd import slot
+from proxyd.metrics import Events
 from proxyd.pool import Connection, Worker
 from proxyd.slot import Slot
 
@@ -207,6 +208,7 @@ class Recovery:
         self._hand_on = hand_on
         self._close = close
         self.undecided: dict[int, tuple[Connection, str | None, float]] = {}
+        self.metrics = Events()  # the master's (proxyd/metrics.py)
 
     def worker_died(self, w: Worker, conn: Connection, asked_to_leave: bool = False) -> None:
         """Act on the verdict for `conn`, whose worker `w` died: hand it to a fresh
@@ -277,6 +279,7 @@ class Recovery:
         if w.killed_for is None:
             w.killed_for, w.killed_at = kind, now
             fields = {"export": w.pool.name, "worker_pid": w.pid, "conn": w.conn.id}
+            self.metrics.watchdog_killed(w.pool.name, kind)
             if kind == UNRESPONSIVE:
                 self._counters["unresponsive_killed"] += 1
                 self.log.warning("worker unresponsive", timeout_s=timeout, **fields)
@@ -297,6 +300,7 @@ class Recovery:
         if not count_death(conn, request):
             return False
         self._counters["poison_closed"] += 1
+        self.metrics.poisoned(conn.export)
         self.log.warning(
             "poison connection closed",
             export=conn.export,
@@ -309,6 +313,7 @@ class Recovery:
 
     def _recovered(self, conn: Connection, op: str | None, outcome: str) -> None:
         self._counters["recoveries"] += 1
+        self.metrics.recovered(conn.export, outcome)
         self.log.warning("crash recovery", export=conn.export, conn=conn.id, op=op, outcome=outcome)
         self._hand_on(conn)
 
@@ -319,6 +324,7 @@ class Recovery:
 
     def _uncertain(self, conn: Connection, op: str | None, detail: str) -> None:
         self._counters["uncertain_closed"] += 1
+        self.metrics.recovered(conn.export, "reply state unknown")
         self.log.warning(
             "connection closed after a crash: reply state unknown",
             export=conn.export,
