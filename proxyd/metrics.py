@@ -68,6 +68,7 @@ VERDICTS = {
     "reply had been sent": "invisible",
     "answered EIO": "eio",
     "reply state unknown": "closed",
+    "died while receiving": "closed",
 }
 WATCHDOG_REASONS = ("hung", "unresponsive")
 

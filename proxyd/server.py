@@ -66,9 +66,10 @@ _M_SUM_NS = cython.declare(cython.Py_ssize_t, slot.M_SUM_NS)
 _M_BUCKETS = cython.declare(cython.Py_ssize_t, slot.M_BUCKETS)
 _M_ERRNOS = cython.declare(cython.Py_ssize_t, slot.M_ERRNOS)
 _ERRNO_OTHER = cython.declare(cython.Py_ssize_t, slot.ERRNO_OTHER)
-# Buffers the loop reads as C arrays: the duration buckets' bounds, errno -> its word.
-_DURATION_BOUNDS = array.array("q", slot.DURATION_BOUNDS_NS)
-_ERRNO_CLASSES = array.array("B", slot.errno_classes())
+# What the loop reads as C arrays (memoryviews interpreted): the duration buckets'
+# bounds, and errno -> its word in the errno counts.
+_DURATION_BOUNDS = memoryview(array.array("q", slot.DURATION_BOUNDS_NS))
+_ERRNO_CLASSES = memoryview(array.array("B", slot.errno_classes()))
 
 
 def _data_or_length(value: int | bytes) -> bytes:
