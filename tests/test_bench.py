@@ -40,10 +40,17 @@ def test_bench_smoke_produces_every_figure(tmp_path: Path) -> None:
     assert set(figures["aggregate"]) == {"1", "4"}
     assert all(v[k]["median"] > 0 for v in figures["aggregate"].values() for k in v)
     assert set(figures["audit"]) == {"none", "mutations", "all"}
+    assert set(figures["metrics"]["figures"]) == {
+        f"{w}, {p}" for w in ("lstat", "mixed") for p in ("two CPUs", "one CPU")
+    }
+    for settings in figures["metrics"]["figures"].values():
+        assert all(settings[s]["cpu_us"]["median"] > 0 for s in ("off", "on"))
+    assert figures["metrics"]["scrape_ms"]["median"] > 0
     assert figures["crash"]["kills"] > 0 and figures["crash"]["median_ms"] > 0
     assert figures["memory"]["1"]["worker_uss_mb"] > 0
     assert figures["memory"]["reference_helper_rss_mb"] > 0
     assert figures["guest"]["proxyd"]["median"] > 0 and figures["guest"]["reference"]["median"] > 0
     report = (out / "results.md").read_text()
-    for heading in ("two CPUs", "one CPU", "Aggregate", "Audit cost", "crash", "Memory", "guest"):
+    headings = ("two CPUs", "one CPU", "Aggregate", "Audit cost", "Metrics cost", "crash")
+    for heading in (*headings, "Memory", "guest"):
         assert heading in report
