@@ -189,9 +189,14 @@ def bind(listen: str) -> socket.socket:
     """A listening TCP socket on `listen` ("HOST:PORT", config.listen_address),
     non-blocking and close-on-exec. Raises ConfigError naming daemon.metrics_listen when
     it cannot be bound (EADDRINUSE: another socket listens there; EADDRNOTAVAIL: not an
-    address of this host)."""
+    address of this host; EAFNOSUPPORT: a service confined to Unix sockets, such as
+    conf/proxyd.service without its metrics drop-in)."""
     host, port = listen_address(listen)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        raise ConfigError(f"daemon.metrics_listen: {listen}: {e.strerror}") from None
     try:
         # A restart binds again at once past the last scrape's TIME_WAIT; on Linux a
         # socket still listening there is refused all the same.

@@ -469,6 +469,43 @@ def test_a_taken_address_is_refused_at_start(tmp_path: Path) -> None:
     assert not os.path.exists(export["socket"])  # nothing left behind
 
 
+# What conf/proxyd.service's RestrictAddressFamilies=AF_UNIX does (a seccomp filter that
+# refuses other socket families with EAFNOSUPPORT), here around the proxyd it execs.
+UNIX_SOCKETS_ONLY = """
+import errno, os, socket, sys
+import pyseccomp
+rules = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+for family in (socket.AF_INET, socket.AF_INET6):
+    rules.add_rule(
+        pyseccomp.ERRNO(errno.EAFNOSUPPORT), "socket", pyseccomp.Arg(0, pyseccomp.EQ, family)
+    )
+rules.load()
+os.execv(sys.executable, [sys.executable, "-m", "proxyd", *sys.argv[1:]])
+"""
+
+
+def test_a_service_without_network_is_told_so_at_start(tmp_path: Path) -> None:
+    """Under conf/proxyd.service without the metrics drop-in (README, "Metrics") the
+    endpoint's socket cannot even be made: one line naming the key, exit code 2."""
+    (tmp_path / "a").mkdir()
+    export = {"name": "a", "path": str(tmp_path / "a"), "socket": str(tmp_path / "a.sock")}
+    address = f"127.0.0.1:{free_port()}"
+    config = write_config(tmp_path / "p.toml", {"metrics_listen": address}, [export])
+    done = subprocess.run(
+        [sys.executable, "-c", UNIX_SOCKETS_ONLY, "-n", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=CHECKOUT,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"proxyd: error: daemon.metrics_listen: {address}: Address family not supported by "
+        "protocol\n"
+    )
+    assert not os.path.exists(export["socket"])  # nothing left behind
+
+
 @pytest.mark.parametrize(
     ("daemon", "message"),
     [
