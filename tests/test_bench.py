@@ -44,7 +44,8 @@ def test_bench_smoke_produces_every_figure(tmp_path: Path) -> None:
         f"{w}, {p}" for w in ("lstat", "mixed") for p in ("two CPUs", "one CPU")
     }
     for settings in figures["metrics"]["figures"].values():
-        assert all(settings[s]["cpu_us"]["median"] > 0 for s in ("off", "on"))
+        assert all(settings[s]["cpu_us"]["median"] > 0 for s in ("reference", "off", "on"))
+        assert all(settings["ratio"][s]["median"] > 0 for s in ("off", "on"))
     assert figures["metrics"]["scrape_ms"]["median"] > 0
     assert figures["crash"]["kills"] > 0 and figures["crash"]["median_ms"] > 0
     assert figures["memory"]["1"]["worker_uss_mb"] > 0
@@ -54,3 +55,19 @@ def test_bench_smoke_produces_every_figure(tmp_path: Path) -> None:
     headings = ("two CPUs", "one CPU", "Aggregate", "Audit cost", "Metrics cost", "crash")
     for heading in (*headings, "Memory", "guest"):
         assert heading in report
+
+
+def test_bench_only_runs_the_figures_named(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    argv = [sys.executable, str(CHECKOUT / "scripts" / "bench"), "--smoke", "--out", str(out)]
+    result = subprocess.run(
+        [*argv, "--only", "metrics"], cwd=CHECKOUT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(json.loads((out / "results.json").read_text())) == {"machine", "metrics"}
+    report = (out / "results.md").read_text()
+    assert "Metrics cost" in report and "Aggregate" not in report
+    wrong = subprocess.run(
+        [*argv, "--only", "metric"], cwd=CHECKOUT, capture_output=True, text=True, timeout=600
+    )
+    assert wrong.returncode == 2 and "--only: no figure named metric" in wrong.stderr
