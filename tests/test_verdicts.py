@@ -13,6 +13,7 @@ daemon; tests/test_containment.py the read-only request run again and poison.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -20,18 +21,21 @@ import signal
 import stat
 import struct
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from proxyd.recovery import REPLY_VERDICT_WAIT
 from tests.daemon import Daemon, wait_in_syscall, wait_until
 from tests.proxyclient import (
     CREATE,
     LSTAT,
     MKDIR,
     OPEN,
+    REMOVE,
     TRUNCATE,
     ConnectionClosed,
     ProxyClient,
@@ -41,6 +45,7 @@ from tests.proxyclient import (
     marshal,
 )
 from tests.ptrace import (
+    SYS_EPOLL_CTL,
     SYS_IOCTL,
     SYS_MKDIR,
     SYS_NEWFSTATAT,
@@ -490,3 +495,79 @@ def test_deaths_during_different_requests_are_not_poison(daemon: Daemon) -> None
     assert outcomes == ["nothing was in flight"] * 2 + ["answered EIO"] * 4
     assert not daemon.events("poison connection closed")
     assert not daemon.events(CLOSED)
+
+
+# --- proxyd bugs these tests found (they fail until proxyd is fixed) -------------------------
+
+
+def test_request_cut_after_its_header_is_not_completed_from_stale_bytes(daemon: Daemon) -> None:
+    """A client that writes a request's header and its payload apart, its worker killed
+    as the recv that returned the header alone returns (before it recorded it): nothing
+    is in the socket yet, so the master hands on the header with whatever the buffer
+    holds after it, the payload of an earlier request. A request the guest never sent
+    must never run: here the guest was sending REMOVE /other1, and the earlier request
+    was LSTAT /victim."""
+    (export(daemon) / "victim").write_bytes(CONTENT)
+    client, conn, victim = serve(daemon)
+    assert client.lstat("/victim").ok  # its payload stays in the worker's buffer
+    remove = request(REMOVE, "s", "/other1")  # as long as "/victim"
+    with held_waiting(victim) as worker:
+        client.send_raw(remove[: HEADER.size])
+        got = worker.until(SYS_RECVFROM, entry=False, where=lambda stop: stop.rval > 0)
+        assert got.rval == HEADER.size
+        assert queued(client) == (0, False)
+        worker.kill()
+    daemon.wait_event("worker died", worker_pid=victim)
+    client.send_raw(remove[HEADER.size :])
+    with contextlib.suppress(ConnectionClosed):  # a reply or the end: after the verdict
+        client.recv_header_reply("status")
+    assert (export(daemon) / "victim").exists(), daemon.events("op")
+
+
+def test_worker_stopped_as_its_recv_returned_is_found_unresponsive(tmp_path: Path) -> None:
+    """A worker stopped (SIGSTOP, a cgroup freezer) right as its recv returned a whole
+    request, before it recorded it: the request is taken from the socket, so the
+    watchdog, which looks only at the socket for a worker receiving, never acts and the
+    guest waits for ever. It must be killed and the request handed on, as for a worker
+    stopped before its recv."""
+    with Daemon(tmp_path, [{"name": "a", "min_idle": 1}], request_timeout=1.0) as d:
+        (export(d) / "f").write_bytes(CONTENT)
+        client, conn, victim = serve(d)
+        client.sock.settimeout(10)  # ten times request_timeout
+        with held_waiting(victim) as worker:
+            client.send_raw(LSTAT_F)
+            worker.until(SYS_RECVFROM, entry=False, where=lambda stop: stop.rval > 0)
+            os.kill(victim, signal.SIGSTOP)  # pending: it stops there once let go
+            worker.detach()
+        wait_until(lambda: stopped(victim), what="the worker stopped")
+        assert queued(client) == (0, False)
+        assert is_lstat_of_f(d, client.recv_header_reply("data"))
+        d.wait_event("worker unresponsive", conn=conn)
+
+
+def test_next_request_in_time_keeps_the_connection_when_the_master_runs_late(
+    daemon: Daemon,
+) -> None:
+    """The worker died with its reply read and nothing queued; the master starts
+    waiting for the guest's next request (it registers the connection with its
+    selector: held by ptrace right there), and the guest sends it at once. A master
+    that then runs late (load; held here) past its REPLY_VERDICT_WAIT closes the
+    connection without looking: the guest answered in time and must keep it."""
+    client, conn, victim = serve(daemon)
+    with held_waiting(victim) as worker:
+        client.send_raw(LSTAT_F)
+        worker.until(SYS_SENDTO, entry=False)
+        assert is_lstat_of_f(daemon, client.recv_header_reply("data"))
+        with Tracer(daemon.proc.pid) as master:
+            worker.kill()
+            out = master.until(SYS_IOCTL, entry=False, where=lambda s: s.args[1] == SIOCOUTQ)
+            master.until(
+                SYS_EPOLL_CTL, entry=False, where=lambda s: s.args[1:3] == (1, out.args[0])
+            )
+            client.send_raw(request(LSTAT, "s", "/"))
+            assert queued(client) == (0, True)
+            # The master late by more than its wait: the time is what is under test.
+            time.sleep(REPLY_VERDICT_WAIT + 0.1)
+    recovered(daemon, conn, victim, "reply had been sent", "lstat")
+    reply = client.recv_header_reply("data")
+    assert reply.ok and stat.S_ISDIR(decode_stat(reply.data)["mode"])
