@@ -10,22 +10,42 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import stat
 import sys
 from typing import Any
 
 from proxyd import __version__, control, handover, listener, log, sink
-from proxyd.config import EXIT_INTERNAL, EXIT_SOCKET_IN_USE, Config, ConfigError, parse_args
-from proxyd.master import Master
+from proxyd.config import (
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_SOCKET_IN_USE,
+    Config,
+    ConfigError,
+    parse_args,
+)
+from proxyd.master import HANDLED_SIGNALS, Master
 from proxyd.title import set_title
 
 EXIT_FLUSH_TIMEOUT = 1.0  # seconds a stopping master waits for the log to take its last lines
 
 
-def daemonize() -> None:
-    """Detach as daemon(3) does: new session, no terminal, stdio on /dev/null."""
+READY = b"ready\n"  # what the daemon tells the command that started it, once it is up
+
+
+def daemonize() -> int:
+    """Detach as daemon(3) does: new session, no terminal, stdio on /dev/null.
+
+    The command that started proxyd does not exit at once: it waits until the daemon
+    tells it how its start ended (tell_launcher), so that the pidfile exists when it
+    returns, and a start-up error after detaching still reaches the terminal. Returns
+    the descriptor (a pipe's write end) to tell it through.
+    """
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
     if os.fork() > 0:
-        os._exit(0)
+        os.close(write_end)
+        os._exit(_launcher_exit(read_end))
+    os.close(read_end)
     os.setsid()
     if os.fork() > 0:
         os._exit(0)  # the session leader goes, so a terminal can never be reacquired
@@ -35,6 +55,31 @@ def daemonize() -> None:
         os.dup2(null, fd)
     if null > 2:
         os.close(null)
+    return write_end
+
+
+def _launcher_exit(read_end: int) -> int:
+    """In the command that started proxyd: the exit code the daemon's word calls for.
+    READY: 0. "CODE MESSAGE": the message on stderr, CODE. Nothing (the pipe closed
+    unanswered: the daemon died starting): EXIT_INTERNAL."""
+    said = b""
+    while chunk := os.read(read_end, 4096):
+        said += chunk
+    if said == READY:
+        return EXIT_OK
+    code, _, message = said.decode(errors="replace").partition(" ")
+    if not code.isdigit():
+        code, message = str(EXIT_INTERNAL), "the daemon exited before it was ready (see its log)"
+    print(f"proxyd: error: {message.strip()}", file=sys.stderr)
+    return int(code)
+
+
+def tell_launcher(fd: int, exit_code: int = EXIT_OK, message: str = "") -> None:
+    """Tell the command that started the daemon (daemonize) that it is up (exit code
+    0) or why it stops, then close `fd`. The launcher may be gone (killed): ignored."""
+    with contextlib.suppress(OSError):
+        os.write(fd, READY if exit_code == EXIT_OK else f"{exit_code} {message}".encode())
+    os.close(fd)
 
 
 def _running_pid(pidfile: str) -> int | None:
@@ -138,8 +183,10 @@ def serve(config: Config, argv: list[str]) -> int:
         for done in [*bound.values(), *([control_listener] if control_listener else [])]:
             done.close()
         raise
-    if config.daemonize:
-        daemonize()
+    launcher = daemonize() if config.daemonize else None
+    # Once the pidfile names this process a TERM may come: it waits, blocked, for the
+    # master's handler (Master.run unblocks them), instead of killing it uncleaned.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     log.configure(
         config.log_format,
         config.log_level,
@@ -150,7 +197,18 @@ def serve(config: Config, argv: list[str]) -> int:
     for path in stale:
         log.get(role="master").info("stale socket replaced", socket=path)
     set_title(f"master [{config.source}]")  # before the pidfile names this process
-    written = None if config.pidfile is None else _write_pidfile(config.pidfile)
+    try:
+        written = None if config.pidfile is None else _write_pidfile(config.pidfile)
+    except OSError as e:
+        error = ConfigError(f"pidfile '{config.pidfile}': {e.strerror}")
+        for done in [*bound.values(), *([control_listener] if control_listener else [])]:
+            done.close()
+        if launcher is None:
+            raise error from None
+        tell_launcher(launcher, error.exit_code, str(error))
+        return error.exit_code
+    if launcher is not None:
+        tell_launcher(launcher)  # the pidfile is there: the launching command may return
     try:
         return Master(config, bound, control_listener, argv=argv).run()
     finally:
@@ -207,6 +265,22 @@ def _resume(config: Config, argv: list[str], resumed: dict[str, Any]) -> int:
 
 SUBCOMMANDS = ("status", "reload", "stop", "upgrade", "audit")
 
+# After the flags' help (argparse's, from proxyd/config.py), what it cannot know.
+MORE_HELP = f"""
+commands (each with its own --help):
+  proxyd status [--json]  the running daemon: exports, workers, connections, counters
+  proxyd reload           re-read its configuration (as SIGHUP); says if it was refused
+  proxyd stop             stop it gracefully (as SIGTERM)
+  proxyd upgrade          run the proxyd now installed in its place: same pid, guests kept
+  proxyd audit [FILE...]  query its log: what a guest did (filters, table/json/summary)
+status, reload, stop and upgrade talk to the daemon's control socket: --socket PATH,
+or the one --config FILE names, or {control.DEFAULT_SOCKET}.
+
+logs: with -n on stderr, or only to log_file when one is set (--log-file); detached
+(without -n) to log_file, or else to syslog (/dev/log; proxyd refuses to start, exit
+code 2, when it cannot be connected).
+"""
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -216,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return audit.main(argv[1:])
         return control.main(argv)
+    if "-h" in argv or "--help" in argv:
+        with contextlib.suppress(SystemExit):  # argparse exits once it printed the help
+            parse_args(["--help"])
+        print(MORE_HELP, end="")
+        return 0
     try:
         config = parse_args(argv)
         if config.upgrade_check:  # a running master asks: can this program take over?

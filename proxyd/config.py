@@ -8,6 +8,7 @@ reported as one line that names the flag or the key.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import socket
 import stat
@@ -15,9 +16,9 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from proxyd import __version__
+from proxyd import __version__, mounts, privileges
 from proxyd.log import FORMATS, LEVELS, ON_BLOCKED
-from proxyd.privileges import SECCOMP_MODES
+from proxyd.privileges import SECCOMP_MODES, IdMap
 
 SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 for the NUL
 
@@ -57,6 +58,14 @@ class ExportConfig:
     # (st_dev, st_ino) of the export when the configuration was read: a worker refuses
     # to serve a path that has since been moved or replaced (by a symlink, say).
     identity: tuple[int, int] = (0, 0)
+    # (guest_first, host_first, count) ranges its workers' mount of the export is
+    # ID-mapped with (privileges.map_export_ids); both empty: no mapping.
+    uid_map: IdMap = ()
+    gid_map: IdMap = ()
+
+    @property
+    def id_mapped(self) -> bool:
+        return bool(self.uid_map)
 
 
 @dataclass(frozen=True)
@@ -84,11 +93,14 @@ class Config:
 def worker_view(config: Config, export: ExportConfig) -> tuple[Any, ...]:
     """Everything a worker of `export` is forked with. A reload that changes it
     replaces that export's workers (at request boundaries); one that changes only what
-    the master alone uses (socket, allow-lists, pool sizes, stop_timeout) leaves them."""
+    the master alone uses (socket, allow-lists, pool sizes, stop_timeout) leaves them.
+    The ID maps are in it: a worker's mount of the export carries them."""
     return (
         export.path,
         export.identity,
         export.readonly,
+        export.uid_map,
+        export.gid_map,
         config.log_format,
         config.log_level,
         config.audit,
@@ -277,6 +289,8 @@ _EXPORT_KEYS = {
     "min_idle",
     "max_workers",
     "max_connections_per_uid",
+    "uid_map",
+    "gid_map",
 }
 
 
@@ -319,6 +333,85 @@ def _id_list(table: dict[str, Any], key: str, where: str) -> tuple[int, ...]:
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0xFFFFFFFE:
             raise ConfigError(f"{where}.{key}: {v!r} is not a valid id")
     return tuple(values)
+
+
+ID_LAST = 0xFFFFFFFE  # the highest id a map may hold: (uid_t)-1 is never an id
+
+
+def _id_map(table: dict[str, Any], key: str, where: str) -> IdMap:
+    """`uid_map`/`gid_map`: [[guest_first, host_first, count], ...], each range within
+    0..ID_LAST on both sides and overlapping no other on either side (the kernel's
+    rules for /proc/PID/uid_map, user_namespaces(7)). Raises ConfigError naming the
+    key and the range."""
+    values = _typed(table, key, where, list, [])
+    if key in table and not values:
+        raise ConfigError(f"{where}.{key}: empty (give at least one range, or leave it out)")
+    if len(values) > privileges.MAP_RANGES_MAX:
+        raise ConfigError(
+            f"{where}.{key}: {len(values)} ranges, the kernel takes at most "
+            f"{privileges.MAP_RANGES_MAX}"
+        )
+    ranges: list[tuple[int, int, int]] = []
+    for i, value in enumerate(values):
+        at = f"{where}.{key}[{i}]"
+        if (
+            not isinstance(value, list)
+            or len(value) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
+            raise ConfigError(f"{at}: expected [guest_first, host_first, count], got {value!r}")
+        guest, host, count = value
+        for name, first in (("guest_first", guest), ("host_first", host)):
+            if first < 0:
+                raise ConfigError(f"{at}: {name} {first} is negative")
+        if count < 1:
+            raise ConfigError(f"{at}: count {count} is less than 1")
+        if count > ID_LAST + 1:
+            raise ConfigError(f"{at}: count {count} is more than 2^32 - 1")
+        for name, first in (("guest", guest), ("host", host)):
+            if first + count - 1 > ID_LAST:
+                raise ConfigError(
+                    f"{at}: {name} ids {first}..{first + count - 1} wrap past {ID_LAST}, "
+                    "the highest id"
+                )
+        for j, (g, h, c) in enumerate(ranges):
+            for name, a, b in (("guest", guest, g), ("host", host, h)):
+                if a < b + c and b < a + count:
+                    raise ConfigError(
+                        f"{at}: {name} ids {a}..{a + count - 1} overlap {key}[{j}] "
+                        f"({b}..{b + c - 1})"
+                    )
+        ranges.append((guest, host, count))
+    result = tuple(ranges)
+    size = len(privileges.namespace_map_text(result))
+    if size > privileges.MAP_TEXT_MAX:
+        raise ConfigError(
+            f"{where}.{key}: its ranges take {size} bytes as a user namespace map, the "
+            f"kernel takes at most {privileges.MAP_TEXT_MAX}"
+        )
+    return result
+
+
+def _check_idmappable(export: ExportConfig, where: str) -> None:
+    """Try the mapping as a worker will (privileges.check_idmappable): an export whose
+    filesystem, or a mount below it, cannot be ID-mapped is refused here, not served
+    unmapped."""
+    with open(mounts.MOUNTINFO, "rb") as f:
+        below = sorted(m[1] for m in mounts.below(mounts.parse(f.read()), export.path))
+    # The export's own filesystem first (its directory need not be a mount point).
+    points = [export.path] + [os.fsdecode(p) for p in below if p != os.fsencode(export.path)]
+    try:
+        privileges.check_idmappable(export.path, export.uid_map, export.gid_map, points)
+    except OSError as e:
+        why = {
+            errno.EINVAL: "the filesystem does not support ID-mapped mounts",
+            errno.EPERM: "already ID-mapped, or not permitted",
+        }.get(e.errno or 0, "")
+        raise ConfigError(
+            f"{where}.uid_map: '{export.path}' cannot be ID-mapped: {e.strerror or e}"
+            + (f" ({why})" if why else ""),
+            EXIT_EXPORT,
+        ) from None
 
 
 def _in_range(value: float, key: str, where: str, low: float, high: float) -> float:
@@ -366,16 +459,22 @@ def _export_from_table(
     _in_range(per_uid, "max_connections_per_uid", where, 0, 1_000_000)
     if min_idle > max_workers:
         raise ConfigError(f"{where}.min_idle: {min_idle} is more than max_workers {max_workers}")
+    uid_map = _id_map(table, "uid_map", where)
+    gid_map = _id_map(table, "gid_map", where)
+    for key, given, other in (("gid_map", uid_map, gid_map), ("uid_map", gid_map, uid_map)):
+        if given and not other:
+            raise ConfigError(f"{where}.{key}: missing (give uid_map and gid_map, or neither)")
     known = running.get(name)
+    missing = False
     if known is not None and os.path.abspath(path) == known.path and not os.path.isdir(path):
         # An export already served whose directory is missing right now: that is the
         # export's own trouble (it is unavailable until the directory is back), not a
         # reason to refuse a reload that may concern other exports.
-        path, identity = known.path, known.identity
+        path, identity, missing = known.path, known.identity, True
     else:
         path = _check_export(path, f"{where}.path")
         identity = _identity(path)
-    return ExportConfig(
+    export = ExportConfig(
         name=name,
         path=path,
         socket=_check_socket_path(socket_path, f"{where}.socket"),
@@ -397,7 +496,12 @@ def _export_from_table(
         max_workers=int(max_workers),
         max_connections_per_uid=per_uid,
         identity=identity,
+        uid_map=uid_map,
+        gid_map=gid_map,
     )
+    if export.id_mapped and not missing:
+        _check_idmappable(export, where)
+    return export
 
 
 def load_file(path: str, running: Config | None = None) -> Config:

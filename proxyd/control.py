@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import socket
 import sys
 import time
+import tomllib
 from typing import Any
 
 from proxyd import listener
-from proxyd.config import ConfigError, load_file
 
 DEFAULT_SOCKET = "/run/proxyd/control.sock"
 MAX_REQUEST = 4096
@@ -172,8 +174,11 @@ def format_status(status: dict[str, Any]) -> str:
         ],
     )
     lines.append("")
+    # A connection's REQUESTS count every worker that served it; BY_WORKER, those served
+    # by the worker holding it now (named as in the worker table, which counts them too).
     lines += _table(
-        ["CONN", "EXPORT", "PEER_PID", "PEER_UID", "SINCE", "REQUESTS", "ERRORS", "WORKER"],
+        ["CONN", "EXPORT", "PEER_PID", "PEER_UID", "SINCE", "REQUESTS", "ERRORS", "WORKER"]
+        + ["BY_WORKER"],
         [
             [
                 c["id"],
@@ -183,7 +188,8 @@ def format_status(status: dict[str, Any]) -> str:
                 _age(now - c["since"]),
                 c["requests"],
                 c["errors"],
-                c["worker_pid"],
+                c.get("worker"),
+                c.get("worker_requests") if c.get("worker") else None,
             ]
             for c in status["connections"]
         ],
@@ -191,6 +197,14 @@ def format_status(status: dict[str, Any]) -> str:
     for e in status["exports"]:
         if not e.get("available", True):
             lines += ["", f"export {e['name']} unavailable: {e['unavailable_reason']}"]
+    mapped = [e for e in status["exports"] if e.get("uid_map")]
+    if mapped:
+        lines.append("")
+    for e in mapped:
+        lines.append(
+            f"export {e['name']} ID-mapped [guest_first, host_first, count]: "
+            f"uid_map {e['uid_map']}, gid_map {e['gid_map']}"
+        )
     counters = status["counters"]
     lines += [
         "",
@@ -211,16 +225,39 @@ def _log_line(counts: dict[str, Any]) -> str:
     )
 
 
-def socket_path(args: argparse.Namespace) -> str:
-    """The control socket: --socket, else the one --config names, else the default."""
+# A `control_socket = "..."` line, for a configuration file that is not valid TOML.
+_CONTROL_SOCKET_LINE = re.compile(rb'^[ \t]*control_socket[ \t]*=[ \t]*"([^"\\\n]+)"', re.M)
+
+
+def socket_from_config(path: str) -> tuple[str, str | None]:
+    """The control socket the configuration file `path` names, read leniently: only the
+    daemon judges the file (`proxyd reload -c FILE` of a broken FILE must reach it and
+    report its verdict). Returns (socket, None), or (DEFAULT_SOCKET, why the file gave
+    none: unreadable, no daemon.control_socket)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        return DEFAULT_SOCKET, f"{path}: {e.strerror}"
+    try:
+        daemon = tomllib.loads(text.decode("utf-8", "replace")).get("daemon")
+        value = daemon.get("control_socket") if isinstance(daemon, dict) else None
+    except tomllib.TOMLDecodeError:  # not TOML: the line alone, if it is there
+        match = _CONTROL_SOCKET_LINE.search(text)
+        value = os.fsdecode(match[1]) if match else None
+    if not isinstance(value, str) or not value:
+        return DEFAULT_SOCKET, f"{path} names no daemon.control_socket"
+    return os.path.abspath(value), None  # as proxyd/config.py reads it
+
+
+def socket_path(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The control socket: --socket, else the one --config names, else the default;
+    and, when --config named none, why (socket_from_config)."""
     if args.socket:
-        return args.socket
+        return args.socket, None
     if args.config:
-        config = load_file(args.config)
-        if config.control_socket is None:
-            raise ConfigError(f"{args.config} sets no daemon.control_socket")
-        return config.control_socket
-    return DEFAULT_SOCKET
+        return socket_from_config(args.config)
+    return DEFAULT_SOCKET, None
 
 
 def describe(cmd: str, answer: dict[str, Any]) -> str:
@@ -236,20 +273,32 @@ def main(argv: list[str]) -> int:
     """`proxyd status|reload|stop|upgrade [--json] [--socket PATH | --config FILE]`."""
     ap = argparse.ArgumentParser(prog=f"proxyd {argv[0]}", description=__doc__.splitlines()[0])
     ap.add_argument("--socket", help=f"control socket (default {DEFAULT_SOCKET})")
-    ap.add_argument("-c", "--config", help="read the control socket from this configuration")
+    ap.add_argument(
+        "-c",
+        "--config",
+        help="the daemon's configuration file: its daemon.control_socket is used (the "
+        "daemon reloads the file it was started with)",
+    )
     if argv[0] == "status":
         ap.add_argument("--json", action="store_true", help="print the JSON document as is")
     args = ap.parse_args(argv[1:])
+    path, why_default = socket_path(args)
+    if why_default is not None:
+        print(f"proxyd {argv[0]}: {why_default}: using {path}", file=sys.stderr)
     try:
-        answer = call(socket_path(args), argv[0])
-    except (ControlError, ConfigError) as e:
+        answer = call(path, argv[0])
+    except ControlError as e:
         print(f"proxyd {argv[0]}: error: {e}", file=sys.stderr)
         return 1
-    if argv[0] == "status":
-        status = answer["status"]
-        print(json.dumps(status, indent=2) if args.json else format_status(status))
-    else:
-        print(describe(argv[0], answer))
+    try:
+        if argv[0] == "status":
+            status = answer["status"]
+            print(json.dumps(status, indent=2) if args.json else format_status(status))
+        else:
+            print(describe(argv[0], answer))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `proxyd status | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -5,8 +5,8 @@ socket's directory: any entry there (our private directory, the socket path) can
 swapped for a symlink at any moment (renameat2(RENAME_EXCHANGE)). So no root operation
 here follows a path: a directory is opened one component at a time (open_directory),
 and everything inside it is an *at call on that descriptor that never follows a
-symlink. A path that holds a socket nobody listens on any more is stale (a crashed
-helper) and is replaced; a path with a live listener or a file that is not a socket is
+symlink. A path that holds a socket no process has open any more is stale (a crashed
+helper) and is replaced; a path with a live socket or a file that is not a socket is
 never touched.
 """
 
@@ -146,19 +146,27 @@ def _renameat2(old_dir: int, old: str, new_dir: int, new: str, flags: int) -> No
 
 
 def _has_listener(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    probe.settimeout(1.0)
+    """Whether a live socket is bound at `path` (the socket file of a process still
+    running), without making a connection to it.
+
+    The probe is a SOCK_DGRAM connect: the kernel finds the socket bound to the file's
+    inode and, it being a stream socket, refuses with EPROTOTYPE (connect(2): "connect
+    a UNIX domain datagram socket to a stream socket"); a file no live socket is bound
+    to any more (left by a crashed helper) gets ECONNREFUSED. A datagram connect queues
+    nothing at the other end, so a running proxyd sees no connection, logs nothing and
+    counts nothing; a stream probe would be accepted there as a guest's connection
+    (and, under --once, taken for its one connection).
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
         probe.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
         return False
-    except TimeoutError:
-        return True  # a listener whose backlog is full is still alive
     except OSError as e:
-        return e.errno == errno.EAGAIN
+        return e.errno == errno.EPROTOTYPE
     finally:
         probe.close()
-    return True
+    return True  # a live datagram socket: in use as well
 
 
 def _claim(dir_fd: int, name: str, path: str) -> tuple[int, int] | None:

@@ -41,6 +41,7 @@ from proxyd import (
     log,
     mounts,
     recovery,
+    sdnotify,
     service,
     slot,
     spawn,
@@ -139,6 +140,8 @@ class Master:
         self.control: service.ControlService | None = None
         if control_listener is not None:
             self.start_control(control_listener)
+        # systemd's notify socket, watchdog and fd store (read once: no worker sees them).
+        self.notify = sdnotify.Notifier.from_environment()
 
     def start_control(self, control_listener: listener.Listener) -> None:
         """Answer on the control socket (proxyd/service.py)."""
@@ -179,6 +182,7 @@ class Master:
             source=self.config.source,
             config_digest=_digest(self.config),
             exports=[e.name for e in self.config.exports],
+            id_mapped=[e.name for e in self.config.exports if e.id_mapped],
             audit=self.config.audit,
         )
         self.sockets.warn_if_short(self.config)
@@ -189,6 +193,7 @@ class Master:
             for export in self.config.exports:
                 self.new_pool(export)
         adopt.adopt_orphans(self)  # before any worker of ours starts: they keep their numbers
+        self.notify.restore(self)  # what systemd's fd store kept of a master that died
         for pool in self.pools.values():
             self.sockets.open(pool, self._bound.pop(pool.name, None))
             self._dispatch(pool)
@@ -202,11 +207,14 @@ class Master:
                 # (a listener replaced by a re-bind): skip what is no longer registered.
                 if self.selector.get_map().get(key.fd) is key:
                     key.data(key.fileobj)
+                    if self.config.once and self.next_conn > 1:
+                        self._listen_no_more()
             if self.reload_wanted:  # any number of SIGHUPs since the last turn: one reload
                 self.reload_wanted = False
                 self.reload()
             self._housekeeping()
         self._shutdown()
+        self.notify.forget_store()  # a stop: no copy may keep a guest's connection open
         return self.exit_code
 
     def _finished(self) -> bool:
@@ -246,6 +254,7 @@ class Master:
         self.recovery.expire(now, stopping=self.stop_deadline is not None)
         if self.control is not None:
             self.control.expire(now)
+        self.notify.tick(self)  # watchdog, readiness, status line, fd store: systemd
 
     # --- signals: the handlers only wake the loop ----------------------------------------
 
@@ -339,7 +348,14 @@ class Master:
 
     def reload(self) -> str | None:
         """Re-read the configuration and apply it (apply_configuration). Returns why
-        the reload was refused, or None when it was applied."""
+        the reload was refused, or None when it was applied. systemd hears of it
+        (RELOADING=1, then READY=1)."""
+        self.notify.reloading("reloading the configuration")
+        refused = self._reload()
+        self.notify.reloaded(self, None if refused is None else f"reload refused: {refused}")
+        return refused
+
+    def _reload(self) -> str | None:
         if self.stop_deadline is not None:
             return "the daemon is stopping"
         try:
@@ -444,13 +460,16 @@ class Master:
             return "the daemon is stopping"
         command = upgrade.program()
         self.log.info("upgrade started", version=__version__, program=command[0])
+        self.notify.reloading("upgrading")  # the new program sends READY=1, same pid
         refusal, said = upgrade.check(command, self.argv)
         if refusal is None:
             document = handover.state(self, reply_to)
             self.log.info("upgrade handing over", to_version=said.get("version"))
-            refusal = upgrade.execute(command, self.argv, document, HANDLED_SIGNALS)
+            with self.notify.exported():
+                refusal = upgrade.execute(command, self.argv, document, HANDLED_SIGNALS)
         self.counters["upgrades_refused"] += 1
         self.log.warning("upgrade refused", reason=refusal, version=__version__)
+        self.notify.reloaded(self, f"upgrade refused: {refusal}")
         return refusal
 
     # --- exports ----------------------------------------------------------------------------
@@ -486,6 +505,10 @@ class Master:
         """A connection accepted on `pool`'s socket: refused (unavailable export, peer
         not allowed), or kept and queued for a worker."""
         pid, uid, gid = admission.peer(sock)
+        if self.config.once and self.next_conn > 1:  # queued behind the one --once serves
+            self.refusals.warn(pool.name, pid, uid, gid, "--once: one connection only")
+            sock.close()
+            return
         reason = admission.refusal(pool.config, uid, gid, self.connections.values())
         if pool.unavailable is not None:
             self.counters["refused_unavailable"] += 1
@@ -510,9 +533,16 @@ class Master:
         )
         if self.config.once:  # the reference's behaviour: one connection, then no more
             for other in self.pools.values():
-                self.sockets.close(other)
+                other.min_idle = 0  # so no spare worker is started for a next one
         pool.pending.append(conn)
         self._dispatch(pool)
+
+    def _listen_no_more(self) -> None:
+        """--once took its connection: close every export socket, as the reference closes
+        its listening socket after its one accept. Called after the accept batch that
+        took it, not from _admit: the socket must stay open under Sockets' accept loop."""
+        for pool in self.pools.values():
+            self.sockets.close(pool)
 
     def _hand_on(self, conn: Connection) -> None:
         """Back to its pool's queue, first in line (a recovered connection)."""
@@ -590,6 +620,7 @@ class Master:
         journal = w.journal
         journal.reset()
         journal.fields[slot.ACCEPTED] = int(conn.accepted)  # for a master that adopts it
+        journal.fields[slot.CONN] = conn.id  # for one that takes it back from systemd's store
         if conn.prefix:
             journal.request[: len(conn.prefix)] = conn.prefix
             journal.fields[slot.HAVE] = len(conn.prefix)
@@ -849,6 +880,7 @@ class Master:
             connections=len(self.connections),
             timeout_s=self.config.stop_timeout,
         )
+        self.notify.stopping_now(self, why)
         for pool in self.pools.values():
             self.sockets.close(pool)
             while pool.pending:

@@ -271,17 +271,18 @@ def _open(path: bytes, flags: int, mode: int = 0) -> int:
 
     The export is bound nodev in the worker, so a device swapped in after the look
     gets EACCES from the kernel before its driver runs. That EACCES is proxyd's, not
-    open(2)'s answer on the host: look again, and answer for what the path names now
-    (a device: the special-file refusal the reference gives after opening it; nothing:
-    the lookup's errno). Any other EACCES is open(2)'s own.
+    open(2)'s answer on the host: look again, and where the path names a device now,
+    give the special-file refusal the reference gives after opening it. Any other
+    EACCES is open(2)'s own (a directory the caller may not write, an owner an
+    ID-mapped export cannot show), and stands.
     """
     try:
         return _sys_open(path, flags | _SAFE_OPEN, mode)
-    except PermissionError:
+    except PermissionError as denied:
         try:
             now = _stat_mode(path, not flags & _O_NOFOLLOW)
-        except OSError as e:
-            raise e from None
+        except OSError:
+            raise denied from None  # nothing there now: open(2)'s EACCES is the answer
         if stat.S_ISCHR(now) or stat.S_ISBLK(now):
             raise SpecialFileRefused(path, now) from None
         raise

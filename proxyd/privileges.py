@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
 import socket
 from collections.abc import Iterable
 
@@ -171,6 +172,189 @@ def make_device_nodes_inert(path: str) -> None:
     _check(ret, "mount_setattr(AT_RECURSIVE, nodev|nosuid|noexec)")
 
 
+# --- ID-mapped exports ---------------------------------------------------------------
+
+# One range of an export's uid_map or gid_map: (guest_first, host_first, count), the
+# columns of /proc/PID/uid_map seen from the guest (user_namespaces(7)).
+IdRange = tuple[int, int, int]
+IdMap = tuple[IdRange, ...]
+
+CLONE_NEWUSER = 0x10000000
+OPEN_TREE_CLONE = 1
+AT_EMPTY_PATH = 0x1000
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_IDMAP = 0x00100000
+MS_PRIVATE = 1 << 18
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT = 428, 429  # one number on every architecture but alpha
+
+
+def map_id(ranges: IdMap, guest_id: int) -> int | None:
+    """The host id the kernel stores for `guest_id` (0..2^32-2) through `ranges`, or
+    None when no range holds it (the kernel then refuses with EOVERFLOW)."""
+    for guest_first, host_first, count in ranges:
+        if guest_first <= guest_id < guest_first + count:
+            return host_first + guest_id - guest_first
+    return None
+
+
+MAP_TEXT_MAX = 4095  # bytes the kernel takes in one write of /proc/PID/uid_map (< a page)
+MAP_RANGES_MAX = 340  # ranges a user namespace's map may hold (user_namespaces(7), 4.15+)
+
+
+def namespace_map_text(ranges: IdMap) -> bytes:
+    """What _mapping_namespace writes to /proc/PID/uid_map (or gid_map) for `ranges`:
+    one "host_first guest_first count" line per range (the columns swapped, see there).
+    At most MAP_TEXT_MAX bytes are accepted by the kernel."""
+    return "".join(f"{host} {guest} {count}\n" for guest, host, count in ranges).encode()
+
+
+def _mapping_namespace(uid_map: IdMap, gid_map: IdMap) -> int:
+    """A descriptor of a new user namespace that holds no process and exists only to
+    carry the export's mapping (mount_setattr(2), MOUNT_ATTR_IDMAP).
+
+    An ID-mapped mount shows an inode owned by k as the id that the namespace maps k
+    (inside) to (outside), and stores a caller's id through the inverse: so the maps
+    written are the configured ranges with their columns swapped, host inside and
+    guest outside. A short-lived child unshares CLONE_NEWUSER; we, root in the initial
+    namespace, write its maps and open /proc/CHILD/ns/user (user_namespaces(7)); this
+    process never enters it. Raises OSError naming the step.
+    """
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    done_r, done_w = os.pipe2(os.O_CLOEXEC)
+    # Signals stay blocked in the child: a handler of the master's (its wake-up pipe)
+    # must not run there. The child only unshares, answers, and waits for EOF.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(ready_r)
+                os.close(done_w)
+                failed = ctypes.get_errno() if _libc.unshare(CLONE_NEWUSER) != 0 else 0
+                os.write(ready_w, bytes([min(failed, 255)]))
+                os.read(done_r, 1)
+            finally:
+                os._exit(0)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    os.close(ready_w)
+    os.close(done_r)
+    try:
+        answer = os.read(ready_r, 1)
+        if answer != b"\0":
+            err = answer[0] if answer else errno.ECHILD
+            raise OSError(err, f"unshare(CLONE_NEWUSER): {os.strerror(err)}")
+        for name, ranges in (("uid_map", uid_map), ("gid_map", gid_map)):
+            try:
+                fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
+                try:  # one write(2): the kernel takes the map whole, once, or refuses it
+                    os.write(fd, namespace_map_text(ranges))
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise OSError(e.errno, f"writing {name}: {e.strerror}") from None
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(done_w)  # the child reads EOF and leaves
+        os.close(ready_r)
+        os.waitpid(pid, 0)
+
+
+def idmapped_tree(path: str, userns_fd: int, recursive: bool = True) -> int:
+    """A detached copy of the mounts at `path` (and below it, when `recursive`), each
+    ID-mapped through the user namespace `userns_fd`, with nodev, nosuid and noexec
+    added to its host flags and private propagation. Returns its descriptor (closing
+    it drops the copy; move_mount(2) attaches it).
+
+    Private, not a slave like the plain bind: a host mount propagated into the copy
+    would arrive without the mapping. The master replaces the workers instead (as on a
+    host whose mounts are private). mount_setattr(2): the mounts must not be attached
+    yet (open_tree(OPEN_TREE_CLONE)) nor ID-mapped already (EPERM), and every
+    filesystem must support ID-mapped mounts (EINVAL otherwise; on Linux 6.18 ext4,
+    xfs, btrfs and tmpfs do, ramfs, overlayfs and proc do not). Raises OSError.
+    """
+    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | (AT_RECURSIVE if recursive else 0)
+    fd = _libc.syscall(
+        _SYS_OPEN_TREE, ctypes.c_int(AT_FDCWD), os.fsencode(path), ctypes.c_uint(flags)
+    )
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"open_tree(OPEN_TREE_CLONE): {os.strerror(err)}")
+    attr = _MountAttr(
+        MOUNT_ATTR_IDMAP | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
+        0,
+        MS_PRIVATE,
+        userns_fd,
+    )
+    try:
+        ret = _libc.syscall(
+            _SYS_MOUNT_SETATTR,
+            ctypes.c_int(fd),
+            b"",
+            ctypes.c_uint(AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)),
+            ctypes.byref(attr),
+            ctypes.c_size_t(ctypes.sizeof(attr)),
+        )
+        _check(ret, "mount_setattr(MOUNT_ATTR_IDMAP)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def map_export_ids(path: str, uid_map: IdMap, gid_map: IdMap) -> None:
+    """In this process's own mount namespace (follow_host_mounts), the export becomes
+    an ID-mapped copy of itself: guest id g is stored as the host id its range gives,
+    a host owner outside every range shows as the overflow id (65534), a guest id
+    outside every range cannot own a file (EOVERFLOW). The copy also gets nodev,
+    nosuid and noexec, as make_device_nodes_inert gives an unmapped export.
+
+    Raises OSError naming the step.
+    """
+    userns = _mapping_namespace(uid_map, gid_map)
+    try:
+        tree = idmapped_tree(path, userns)
+    finally:
+        os.close(userns)
+    try:
+        ret = _libc.syscall(
+            _SYS_MOVE_MOUNT,
+            ctypes.c_int(tree),
+            b"",
+            ctypes.c_int(AT_FDCWD),
+            os.fsencode(path),
+            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+        )
+        _check(ret, "move_mount")
+    finally:
+        os.close(tree)
+
+
+def check_idmappable(path: str, uid_map: IdMap, gid_map: IdMap, mount_points: list[str]) -> None:
+    """Try what a worker of the export will do, without mounting anything: make the
+    ID-mapped detached copy of `path` and its submounts, then drop it. When that
+    fails, each of `mount_points` (the mounts at and below `path`, outermost first) is
+    tried alone, so that the error names the first one that cannot be mapped.
+
+    Raises OSError whose message says what failed, and where.
+    """
+    userns = _mapping_namespace(uid_map, gid_map)
+    try:
+        try:
+            os.close(idmapped_tree(path, userns))
+            return
+        except OSError as e:
+            first = e
+        for point in mount_points:
+            try:
+                os.close(idmapped_tree(point, userns, recursive=False))
+            except OSError as e:
+                raise OSError(e.errno, f"{point}: {e.strerror}") from None
+        raise first
+    finally:
+        os.close(userns)
+
+
 def keep_only_descriptors(keep: Iterable[int]) -> None:
     """Close every descriptor of this process but those in `keep`: one leaked by
     whoever started us (an open directory of the host's /, say) would outlive the
@@ -234,15 +418,23 @@ def keep_only_worker_capabilities(last_cap: int) -> None:
 
 
 def enter_sandbox(
-    export: str, seccomp: str = "kill", identity: tuple[int, int] | None = None
+    export: str,
+    seccomp: str = "kill",
+    identity: tuple[int, int] | None = None,
+    uid_map: IdMap = (),
+    gid_map: IdMap = (),
 ) -> None:
-    """Apply every sandbox step, in order; raise SandboxError if any fails."""
+    """Apply every sandbox step, in order; raise SandboxError if any fails. With
+    `uid_map` (and `gid_map`) the export's mount is ID-mapped (map_export_ids)."""
     if os.geteuid() != 0:
         raise SandboxError("proxyd must run as root to chroot into the export")
     try:
         last_cap = _last_cap()  # /proc is out of reach once chrooted
         follow_host_mounts()
-        make_device_nodes_inert(export)
+        if uid_map:
+            map_export_ids(export, uid_map, gid_map)
+        else:
+            make_device_nodes_inert(export)
         confine_to_export(export, identity)
         create_with_requested_modes()
         forbid_new_privileges()

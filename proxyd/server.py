@@ -22,6 +22,7 @@ import cython
 from proxyd import log, slot
 from proxyd import protocol as p
 from proxyd.ops import ExportOps, SpecialFileRefused
+from proxyd.privileges import IdMap, map_id
 from proxyd.slot import Slot
 
 if cython.compiled:
@@ -288,6 +289,7 @@ class Server:
         readonly: bool = False,
         on_command: Callable[[], None] | None = None,
         on_log_reopen: Callable[[], None] | None = None,
+        id_maps: tuple[IdMap, IdMap] | None = None,
     ) -> None:
         self._handlers = request_handlers(ops)
         self._log = log
@@ -300,6 +302,7 @@ class Server:
         self._on_command = on_command or (lambda: None)
         self._on_log_reopen = on_log_reopen or (lambda: None)
         self._refusal: str | None = None
+        self._id_maps = id_maps  # (uid_map, gid_map) of an ID-mapped export, else None
         self.log_epoch = 0
 
     def set_log(self, log: Any) -> None:
@@ -497,6 +500,8 @@ class Server:
         except p.MalformedRequest:
             fields = {"op": p.REQUESTS[code].name, "malformed": True}
         fields.pop("writing", None)
+        if self._id_maps is not None and "uid" in fields:
+            host_ids(fields, *self._id_maps)
         fields["result"] = log.result_name(err)
         if started:
             fields["dur_us"] = (time.perf_counter_ns() - started) // 1000
@@ -560,6 +565,19 @@ def audited_codes(audit: str) -> list[int]:
 
 def _ids(uid: int, gid: int) -> dict[str, int]:
     return {"uid": uid, "gid": gid}
+
+
+def host_ids(fields: dict[str, Any], uid_map: IdMap, gid_map: IdMap) -> None:
+    """Add `host_uid`/`host_gid` to an audit event's `uid`/`gid` (as the guest sent them)
+    where the export's ID map stores another id: the host id, or None for an id outside
+    every range (the kernel refused it: EOVERFLOW). -1 (CHOWN's "unchanged") is no id."""
+    for key, ranges in (("uid", uid_map), ("gid", gid_map)):
+        guest = fields[key] & 0xFFFFFFFF  # sent as a signed 32-bit field
+        if guest == 0xFFFFFFFF:
+            continue
+        host = map_id(ranges, guest)
+        if host != guest:
+            fields[f"host_{key}"] = host
 
 
 def audit_fields(code: int, payload: bytes) -> dict[str, Any]:

@@ -137,20 +137,29 @@ def status_document(master: Master) -> dict[str, Any]:
         for w in sorted(master.workers.values(), key=lambda w: (w.pool.name, w.index))
     ]
     serving = {w.conn.id: w for w in master.workers.values() if w.conn is not None}
-    connections = [
-        {
-            "id": c.id,
-            "export": c.export,
-            "peer_pid": c.peer_pid,
-            "peer_uid": c.peer_uid,
-            "peer_gid": c.peer_gid,
-            "since": c.accepted,
-            "requests": c.requests + (_live_requests(serving[c.id]) if c.id in serving else 0),
-            "errors": c.errors,
-            "worker_pid": serving[c.id].pid if c.id in serving else None,
-        }
-        for c in sorted(master.connections.values(), key=lambda c: c.id)
-    ]
+    connections = []
+    for c in sorted(master.connections.values(), key=lambda c: c.id):
+        w = serving.get(c.id)
+        # `requests`: every request served on the connection, by every worker that held
+        # it (it moves to a fresh one after a reload, an upgrade or a crash); of them,
+        # `worker_requests` were served by the worker holding it now, and are part of
+        # that worker's own `requests` too.
+        by_worker = _live_requests(w) if w is not None else 0
+        connections.append(
+            {
+                "id": c.id,
+                "export": c.export,
+                "peer_pid": c.peer_pid,
+                "peer_uid": c.peer_uid,
+                "peer_gid": c.peer_gid,
+                "since": c.accepted,
+                "requests": c.requests + by_worker,
+                "errors": c.errors,
+                "worker": None if w is None else f"{w.pool.name}#{w.index}",
+                "worker_pid": None if w is None else w.pid,
+                "worker_requests": by_worker,
+            }
+        )
     exports = []
     for pool in master.pools.values():
         states = [w.state for w in pool.workers.values()]
@@ -160,6 +169,8 @@ def status_document(master: Master) -> dict[str, Any]:
                 "path": pool.config.path,
                 "socket": pool.config.socket,
                 "readonly": pool.config.readonly,
+                "uid_map": [list(r) for r in pool.config.uid_map],  # empty: not ID-mapped
+                "gid_map": [list(r) for r in pool.config.gid_map],
                 "min_idle": pool.min_idle,
                 "max_workers": pool.config.max_workers,
                 "workers": len(states),

@@ -96,7 +96,9 @@ def _worker(
     log.relay_to(journal.relay)  # should our master die and its log with it
     logger = log.get(role="worker", export=export.name, worker=index)
     try:
-        privileges.enter_sandbox(export.path, config.seccomp, export.identity)
+        privileges.enter_sandbox(
+            export.path, config.seccomp, export.identity, export.uid_map, export.gid_map
+        )
     except privileges.SandboxError as e:
         logger.error("export cannot be served", error=str(e))
         return EXIT_EXPORT
@@ -124,6 +126,7 @@ def _worker(
         readonly=export.readonly,
         on_command=on_command,
         on_log_reopen=on_log_reopen,
+        id_maps=(export.uid_map, export.gid_map) if export.id_mapped else None,
     )
     if not _report(control, {"op": "ready"}):
         return EXIT_OK  # retired before it was ready (a reload, a stop): nothing to say

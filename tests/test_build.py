@@ -21,7 +21,7 @@ import pytest
 import proxyd.ops
 import proxyd.protocol
 import proxyd.server
-from proxyd import log, privileges
+from proxyd import log, privileges, sink
 from proxyd.recovery import SIOCOUTQ, queued
 from tests.daemon import wait_until
 from tests.proxyclient import (
@@ -198,7 +198,8 @@ def serve_in_child(server_class: type, export: Path) -> tuple[socket.socket, int
         code = 1
         try:
             ours.close()
-            log.configure("json", "warning", fd=os.open("/dev/null", os.O_WRONLY))
+            null = sink.for_file(os.open("/dev/null", os.O_WRONLY))
+            log.configure("json", "warning", destination=null)
             os.chroot(export)
             os.chdir("/")
             ops = proxyd.ops.ExportOps(privileges.Credentials(), False)

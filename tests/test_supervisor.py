@@ -321,9 +321,11 @@ def test_supervised_proxyd_serves_and_reports(supervised: Supervisor) -> None:
         export, socket_path = re.escape(str(sup.export)), re.escape(str(sup.socket))
         row = rf"^vm1\s+serving\s+{export}\s+{socket_path}\s+no\s"
         assert re.search(row, table, re.M), table
-        busy = re.findall(r"^vm1#\d+\s+(\d+)\s+busy\s+1\s", table, re.M)
+        busy = re.findall(r"^(vm1#\d+)\s+\d+\s+busy\s+1\s", table, re.M)
         assert len(busy) == 1, table
-        assert re.search(rf"^1\s+vm1\s+{os.getpid()}\s+0\s+\S+\s+1\s+0\s+{busy[0]}$", table, re.M)
+        # The connection's worker named as in the worker table, with the 1 request it served.
+        row = rf"^1\s+vm1\s+{os.getpid()}\s+0\s+\S+\s+1\s+0\s+{busy[0]}\s+1$"
+        assert re.search(row, table, re.M), table
 
         document = json.loads(sup.ctl("proxyd", "status", "--json").stdout)
         assert [e["name"] for e in document["exports"]] == ["vm1"]

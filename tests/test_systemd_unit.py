@@ -139,12 +139,14 @@ def test_exposure_at_most_target(tmp_path: Path) -> None:
 
 
 def test_restart_and_stop_semantics_kept() -> None:
-    assert value("Type") == "simple"
-    assert value("NotifyAccess") == "main"  # ready for Type=notify: the master alone
+    assert value("Type") == "notify"  # READY=1 from the master (tests/test_notify.py)
+    assert value("NotifyAccess") == "main"  # the master alone, never a worker
     assert value("ExecStart") == "/usr/local/bin/proxyd -n --config /etc/proxyd/proxyd.toml"
-    assert value("ExecReload") == "/bin/kill -HUP $MAINPID"
-    # TERM to the master alone, SIGKILL to the whole cgroup after TimeoutStopSec.
+    assert value("ExecReload").startswith("/usr/local/bin/proxyd reload ")  # waits, reports
+    # TERM to the master alone, SIGKILL to the whole cgroup after TimeoutStopSec, and at
+    # once when the master died unasked (the fd store keeps the guests' connections).
     assert (value("KillMode"), value("KillSignal")) == ("mixed", "SIGTERM")
+    assert int(value("FileDescriptorStoreMax")) > 0
     assert value("Restart") == "on-failure"
     assert value("RestartPreventExitStatus").split() == ["2", "3", "4"]
     assert value("RuntimeDirectory") == "proxyd"
