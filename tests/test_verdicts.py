@@ -13,7 +13,6 @@ daemon; tests/test_containment.py the read-only request run again and poison.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
@@ -497,19 +496,19 @@ def test_deaths_during_different_requests_are_not_poison(daemon: Daemon) -> None
     assert not daemon.events(CLOSED)
 
 
-# --- proxyd bugs these tests found (they fail until proxyd is fixed) -------------------------
+# --- a recv that returned, not yet recorded ----------------------------------------------
 
 
 def test_request_cut_after_its_header_is_not_completed_from_stale_bytes(daemon: Daemon) -> None:
     """A client that writes a request's header and its payload apart, its worker killed
-    as the recv that returned the header alone returns (before it recorded it): nothing
-    is in the socket yet, so the master hands on the header with whatever the buffer
-    holds after it, the payload of an earlier request. A request the guest never sent
-    must never run: here the guest was sending REMOVE /other1, and the earlier request
-    was LSTAT /victim."""
+    as the recv that returned the header alone returns (before it recorded it). The
+    buffer after the header still held the payload of an earlier request of the same
+    length (LSTAT /victim), and the guest was sending REMOVE /other1: how much of the
+    request was taken cannot be told, so the connection is closed, and the request the
+    guest never sent (REMOVE /victim) never runs."""
     (export(daemon) / "victim").write_bytes(CONTENT)
     client, conn, victim = serve(daemon)
-    assert client.lstat("/victim").ok  # its payload stays in the worker's buffer
+    assert client.lstat("/victim").ok  # its payload was in the worker's buffer
     remove = request(REMOVE, "s", "/other1")  # as long as "/victim"
     with held_waiting(victim) as worker:
         client.send_raw(remove[: HEADER.size])
@@ -518,18 +517,20 @@ def test_request_cut_after_its_header_is_not_completed_from_stale_bytes(daemon: 
         assert queued(client) == (0, False)
         worker.kill()
     daemon.wait_event("worker died", worker_pid=victim)
-    client.send_raw(remove[HEADER.size :])
-    with contextlib.suppress(ConnectionClosed):  # a reply or the end: after the verdict
+    closed = daemon.wait_event(CLOSED, conn=conn)[-1]
+    assert (closed["op"], closed["detail"]) == ("remove", "died while receiving")
+    with pytest.raises((ConnectionClosed, BrokenPipeError, ConnectionResetError)):
+        client.send_raw(remove[HEADER.size :])
         client.recv_header_reply("status")
-    assert (export(daemon) / "victim").exists(), daemon.events("op")
+    assert (export(daemon) / "victim").read_bytes() == CONTENT
+    assert not daemon.events("op", op="remove")
 
 
 def test_worker_stopped_as_its_recv_returned_is_found_unresponsive(tmp_path: Path) -> None:
     """A worker stopped (SIGSTOP, a cgroup freezer) right as its recv returned a whole
-    request, before it recorded it: the request is taken from the socket, so the
-    watchdog, which looks only at the socket for a worker receiving, never acts and the
-    guest waits for ever. It must be killed and the request handed on, as for a worker
-    stopped before its recv."""
+    request, before it recorded it: nothing waits in the socket, but the watchdog sees
+    the request in the buffer, kills the worker and hands the request on, as for a
+    worker stopped before its recv."""
     with Daemon(tmp_path, [{"name": "a", "min_idle": 1}], request_timeout=1.0) as d:
         (export(d) / "f").write_bytes(CONTENT)
         client, conn, victim = serve(d)
@@ -550,9 +551,9 @@ def test_next_request_in_time_keeps_the_connection_when_the_master_runs_late(
 ) -> None:
     """The worker died with its reply read and nothing queued; the master starts
     waiting for the guest's next request (it registers the connection with its
-    selector: held by ptrace right there), and the guest sends it at once. A master
-    that then runs late (load; held here) past its REPLY_VERDICT_WAIT closes the
-    connection without looking: the guest answered in time and must keep it."""
+    selector: held by ptrace right there), and the guest sends it at once. The master
+    then runs late (load; held here) past its REPLY_VERDICT_WAIT: it looks at the
+    socket before closing, and the guest, which answered in time, keeps it."""
     client, conn, victim = serve(daemon)
     with held_waiting(victim) as worker:
         client.send_raw(LSTAT_F)
