@@ -136,7 +136,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("-u", "--uid", help="owner uid of the socket file")
     ap.add_argument("-g", "--gid", help="owner gid of the socket file")
     ap.add_argument(
-        "-n", "--nodaemon", action="store_true", help="stay in the foreground and log to stderr"
+        "-n",
+        "--nodaemon",
+        action="store_true",
+        help="stay in the foreground (log to stderr unless a log file is set)",
     )
     ap.add_argument("-c", "--config", help="TOML configuration file (instead of -p/-s/-f)")
     ap.add_argument(

@@ -70,6 +70,7 @@ VERDICTS = {
     "answered EIO": "eio",
     "reply state unknown": "closed",
     "died while receiving": "closed",
+    "journal unreadable": "closed",
 }
 WATCHDOG_REASONS = ("hung", "unresponsive")
 

@@ -59,6 +59,8 @@ _U32 = struct.Struct("=I")
 _FD_VALID = cython.declare(cython.int, p.FD_VALID)
 _PHASE = cython.declare(cython.Py_ssize_t, slot.PHASE)
 _REPLY_READY = cython.declare(cython.uint, slot.REPLY_READY)
+_HEADER_SIZE = cython.declare(cython.Py_ssize_t, p.HEADER_SIZE)
+_FILL = cython.declare(cython.uchar, slot.FILL)
 _M_CODES = cython.declare(cython.Py_ssize_t, slot.M_CODES)
 _PER_CODE = cython.declare(cython.Py_ssize_t, slot.PER_CODE)
 _M_OK = cython.declare(cython.Py_ssize_t, slot.M_OK)
@@ -254,10 +256,15 @@ def _bytes(buf: cython.uchar[::1], start: cython.Py_ssize_t, end: cython.Py_ssiz
 
 @cython.cfunc
 @cython.boundscheck(False)
-def _clear_header(buf: cython.uchar[::1]) -> cython.int:
+def _clear(buf: cython.uchar[::1], start: cython.Py_ssize_t, end: cython.Py_ssize_t) -> cython.int:
+    """Make buf[start:end] say "not received" again (slot.Slot.clear_request): zeros in
+    the header, FILL after it. The master reads how far a recv it never heard of got
+    from where these bytes were overwritten (recovery.received_unrecorded)."""
     i: cython.Py_ssize_t
-    for i in range(p.HEADER_SIZE):
+    for i in range(start, min(end, _HEADER_SIZE)):
         buf[i] = 0
+    for i in range(max(start, _HEADER_SIZE), end):
+        buf[i] = _FILL
     return 0
 
 
@@ -464,8 +471,6 @@ class Server:
         started: cython.longlong
         ended: cython.longlong
         have: cython.Py_ssize_t = fields[HAVE]  # bytes already in the buffer: handed on
-        if have == 0:
-            _clear_header(buf)
         fields[PHASE] = RECEIVING
         seq: cython.uint = 0
         while True:
@@ -533,8 +538,8 @@ class Server:
             logged = audit or (err and self._refusal)
 
             # Back to a request boundary at once (the master's view of a death is
-            # exact again). Clear the header before saying RECEIVING, so that a header
-            # the master finds there was really just received. The audit line comes
+            # exact again). Clear what was used before saying RECEIVING, so that bytes
+            # the master finds there were really just received. The audit line comes
             # after: the payload was copied out, only the header was cleared.
             have -= end
             if have:  # a client that did not wait for its reply: keep the rest
@@ -542,8 +547,7 @@ class Server:
                     self._audit(code, payload, err, started, 0, audit)
                     logged = False
                 buf[:have] = buf[end : end + have]
-            else:
-                _clear_header(buf)
+            _clear(buf, have, end + have)
             fields[HAVE] = have
             fields[PHASE] = RECEIVING
             if counting:  # after RECEIVING: the window after the reply stays as short

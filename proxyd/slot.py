@@ -123,6 +123,13 @@ _METRICS_AT = -(-(_RELAY_AT + RELAY_SIZE) // mmap.PAGESIZE) * mmap.PAGESIZE
 SLOT_SIZE = _METRICS_AT + METRICS_WORDS * 8
 
 _ZERO_HEADER = bytes(HEADER_SIZE)
+# What the request buffer holds past the bytes received: a cleared header (zeros) and
+# then FILL. A worker killed as a recv returns has not recorded what it got; bytes that
+# differ from these were written since, which tells the master how far the recv came
+# (recovery.received_unrecorded). 0xF7 is never a request code's byte, never a byte of
+# UTF-8, and rare as the last byte of an integer.
+FILL = 0xF7
+_FILLED_PAYLOAD = bytes([FILL]) * (BUFFER_SIZE - HEADER_SIZE)
 
 
 class Slot:
@@ -137,6 +144,7 @@ class Slot:
     program that had none (an upgrade maps the journals it keeps as they are)."""
 
     def __init__(self, fd: int | None = None) -> None:
+        new = fd is None
         if fd is None:
             fd = os.memfd_create("proxyd-journal", os.MFD_CLOEXEC)
             try:
@@ -159,20 +167,23 @@ class Slot:
         self.metrics = view[_METRICS_AT:SLOT_SIZE].cast("Q") if size == SLOT_SIZE else None
         if self.metrics is not None and self.metrics[0] == 0:  # a new journal
             self.metrics[0] = METRICS_LAYOUT
+        if new:  # a journal taken over (fd=...) holds a live worker's state
+            self.clear_request()
 
     def reset(self) -> None:
         for i in range(FIELDS):
             if i not in _LIFELONG:
                 self.fields[i] = 0
+        self.clear_request()
+
+    def clear_request(self) -> None:
+        """Nothing received: a zero header, then FILL (the worker keeps it so)."""
         self.request[:HEADER_SIZE] = _ZERO_HEADER
+        self.request[HEADER_SIZE:] = _FILLED_PAYLOAD
 
     def header(self) -> tuple[int, int]:
         """(code, size) of the request header in the buffer (zeros when cleared)."""
         return HEADER.unpack_from(self.request)
-
-    def header_consumed(self) -> bool:
-        """Whether any byte of a request landed in the (cleared) header."""
-        return self.request[:HEADER_SIZE] != _ZERO_HEADER
 
     def close(self) -> None:
         if self.metrics is not None:
