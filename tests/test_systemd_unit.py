@@ -196,8 +196,9 @@ def protected_trees() -> list[str]:
 
 
 def test_shipped_configuration_outside_protected_trees() -> None:
-    """Exports, sockets, the log file and the metrics file must be writable and, for sockets, shared with
-    QEMU: none may lie where the unit makes the file system read-only or private."""
+    """Exports, sockets, the log file and the metrics file must be writable and, for
+    sockets, shared with QEMU: none may lie where the unit makes the file system
+    read-only or private."""
     text = (CHECKOUT / "conf" / "proxyd.toml").read_text()
     config = tomllib.loads(text)
     paths = [config["daemon"]["control_socket"]]
