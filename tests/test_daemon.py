@@ -117,7 +117,8 @@ def test_peers_outside_the_allow_list_are_refused(tmp_path: Path) -> None:
     ]
     with Daemon(tmp_path, exports) as d:
         refused = d.connect("a", unlink=False)
-        with pytest.raises(ConnectionClosed):
+        # Closed before the request is sent, or after: either way no reply.
+        with pytest.raises((ConnectionClosed, BrokenPipeError, ConnectionResetError)):
             refused.lstat("/")
         event = d.wait_event("connection refused", export="a")[-1]
         assert event["level"] == "warning" and event["peer_uid"] == 0
