@@ -15,7 +15,7 @@ import stat
 import sys
 from typing import Any
 
-from proxyd import __version__, control, handover, listener, log, sink
+from proxyd import __version__, control, handover, listener, log, metrics, sink
 from proxyd.config import (
     EXIT_INTERNAL,
     EXIT_OK,
@@ -177,11 +177,15 @@ def serve(config: Config, argv: list[str]) -> int:
         for done in bound.values():
             done.close()
         raise
+    metrics_listener = None
     try:
+        metrics_listener = metrics.bind(config.metrics_listen) if config.metrics_listen else None
         destination = _log_destination(config)
     except ConfigError:
         for done in [*bound.values(), *([control_listener] if control_listener else [])]:
             done.close()
+        if metrics_listener is not None:
+            metrics_listener.close()
         raise
     launcher = daemonize() if config.daemonize else None
     # Once the pidfile names this process a TERM may come: it waits, blocked, for the
@@ -203,6 +207,8 @@ def serve(config: Config, argv: list[str]) -> int:
         error = ConfigError(f"pidfile '{config.pidfile}': {e.strerror}")
         for done in [*bound.values(), *([control_listener] if control_listener else [])]:
             done.close()
+        if metrics_listener is not None:
+            metrics_listener.close()
         if launcher is None:
             raise error from None
         tell_launcher(launcher, error.exit_code, str(error))
@@ -210,7 +216,9 @@ def serve(config: Config, argv: list[str]) -> int:
     if launcher is not None:
         tell_launcher(launcher)  # the pidfile is there: the launching command may return
     try:
-        return Master(config, bound, control_listener, argv=argv).run()
+        return Master(
+            config, bound, control_listener, argv=argv, metrics_listener=metrics_listener
+        ).run()
     finally:
         if config.pidfile is not None and written is not None:
             _remove_pidfile(config.pidfile, written)

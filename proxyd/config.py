@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import os
 import socket
 import stat
@@ -80,6 +81,8 @@ class Config:
     request_timeout: float = 30.0
     seccomp: str = "kill"  # kill | log | off: what a forbidden system call does to a worker
     on_log_blocked: str = "drop"  # drop | wait: when the log does not take a line (proxyd/sink.py)
+    metrics_listen: str | None = None  # "HOST:PORT" serving GET /metrics (proxyd/metrics.py)
+    metrics_file: str | None = None  # a file the metrics are written to (node_exporter's textfile)
     daemonize: bool = False
     pidfile: str | None = None
     once: bool = False  # serve one connection, then exit (the reference's behaviour)
@@ -88,6 +91,11 @@ class Config:
     fd: int | None = None  # -f: the one connection to serve
     source: str = "command line"  # the config file, for titles and logs
     path: str | None = field(default=None, compare=False)  # the config file to re-read
+
+
+def metrics_on(config: Config) -> bool:
+    """Whether metrics are exposed (an endpoint or a file): workers then count requests."""
+    return config.metrics_listen is not None or config.metrics_file is not None
 
 
 def worker_view(config: Config, export: ExportConfig) -> tuple[Any, ...]:
@@ -107,6 +115,7 @@ def worker_view(config: Config, export: ExportConfig) -> tuple[Any, ...]:
         config.request_timeout,
         config.seccomp,
         config.on_log_blocked,
+        metrics_on(config),
     )
 
 
@@ -127,7 +136,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("-u", "--uid", help="owner uid of the socket file")
     ap.add_argument("-g", "--gid", help="owner gid of the socket file")
     ap.add_argument(
-        "-n", "--nodaemon", action="store_true", help="stay in the foreground and log to stderr"
+        "-n",
+        "--nodaemon",
+        action="store_true",
+        help="stay in the foreground (log to stderr unless a log file is set)",
     )
     ap.add_argument("-c", "--config", help="TOML configuration file (instead of -p/-s/-f)")
     ap.add_argument(
@@ -275,6 +287,8 @@ _DAEMON_KEYS = {
     "request_timeout",
     "seccomp",
     "on_log_blocked",
+    "metrics_listen",
+    "metrics_file",
 }
 _EXPORT_KEYS = {
     "name",
@@ -540,6 +554,11 @@ def load_file(path: str, running: Config | None = None) -> Config:
     )
     seccomp = _choice(daemon, "seccomp", SECCOMP_MODES, "kill")
     on_log_blocked = _choice(daemon, "on_log_blocked", ON_BLOCKED, "drop")
+    metrics_listen = _typed(daemon, "metrics_listen", "daemon", str, None)
+    if metrics_listen is not None:
+        host, port = listen_address(metrics_listen)
+        metrics_listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    metrics_file = _typed(daemon, "metrics_file", "daemon", str, None)
     tables = _typed(data, "export", "config", list, [])
     if not tables:
         raise ConfigError("config: no [[export]] table")
@@ -564,9 +583,56 @@ def load_file(path: str, running: Config | None = None) -> Config:
         request_timeout=float(request_timeout),
         seccomp=seccomp,
         on_log_blocked=on_log_blocked,
+        metrics_listen=metrics_listen,
+        metrics_file=_check_metrics_file(metrics_file) if metrics_file else None,
         source=os.path.abspath(path),
         path=os.path.abspath(path),
     )
+
+
+def listen_address(value: str) -> tuple[str, int]:
+    """(host, port) of a "HOST:PORT" listening address: HOST an IPv4 address, or an IPv6
+    one in brackets ("[::1]:9477"); no name, which would need a DNS look-up. Raises
+    ConfigError (naming daemon.metrics_listen)."""
+    where = f"daemon.metrics_listen: '{value}'"
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            f"{where} is not HOST:PORT with an IP address (127.0.0.1:9477, [::1]:9477)"
+        ) from None
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: the port must be a number from 1 to 65535")
+    if address.version == 6 and not value.startswith("["):
+        raise ConfigError(f"{where}: write an IPv6 address in brackets ([::1]:9477)")
+    return str(address), int(port)
+
+
+def _check_metrics_file(path: str) -> str:
+    """An absolute path ending in .prom (node_exporter reads only those) whose directory
+    only root may write: the file is written by renaming a temporary file, named from
+    the path, into place (prometheus_client.write_to_textfile), and a symlink another
+    user put under that name would be followed."""
+    path = os.path.abspath(path)
+    where = f"daemon.metrics_file '{path}'"
+    if not path.endswith(".prom"):
+        raise ConfigError(f"{where}: the name must end in .prom (node_exporter reads no other)")
+    directory = os.path.dirname(path)
+    try:
+        st = os.stat(directory)
+    except OSError as e:
+        raise ConfigError(f"{where}: directory: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{where}: '{directory}' is not a directory")
+    if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(
+            f"{where}: other users than root may write in '{directory}' (a symlink put "
+            "there would redirect proxyd's writes): use a directory only root may write"
+        )
+    return path
 
 
 def parse_args(argv: list[str]) -> Config:

@@ -15,7 +15,7 @@ Version 1:
 
     {"version": 1, "program_version": str, "started": float, "upgrades": int,
      "upgraded_at": float | null, "generation": int, "next_conn": int,
-     "counters": {str: int}, "log_fd": int | null,
+     "counters": {str: int}, "metrics": METRICS (optional), "log_fd": int | null,
      "control": LISTENER | null, "reply_to": int | null,
      "pools": [{"name": str, "listener": LISTENER | null, "min_idle": int,
                 "generation": int, "next_index": int, "pending": [conn id, ...],
@@ -29,6 +29,9 @@ Version 1:
                   "started": float, "state": str, "conn": conn id | null,
                   "connections": int, "requests": int}]}
     LISTENER = {"fd": int, "path": str, "identity": [dev, ino], "directory": [dev, ino]}
+    METRICS = proxyd.metrics.Metrics.state(): {"listen": str | null, "listen_fd": int | null,
+               "events": [[str, str, str, int]], "exited": {str: [int]},
+               "baselines": {str: [int]}}
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ def descriptors(document: dict[str, Any]) -> list[int]:
     fds += [c["fd"] for c in document["connections"]]
     for w in document["workers"]:
         fds += [w["channel_fd"], w["journal_fd"], w["pidfd"]]
+    fds.append((document.get("metrics") or {}).get("listen_fd"))
     return [fd for fd in fds if fd is not None and fd > 2]
 
 
@@ -143,6 +147,7 @@ def state(master: Master, reply_to: socket.socket | None) -> dict[str, Any]:
         "generation": master.generation,
         "next_conn": master.next_conn,
         "counters": dict(master.counters),
+        "metrics": master.metrics.state(),
         "log_fd": log.current_fd() if logs_to_file else None,
         "control": _listener(master.control.listener) if master.control else None,
         "reply_to": reply_to.fileno() if reply_to is not None else None,
@@ -206,6 +211,7 @@ def restore(master: Master, document: dict[str, Any]) -> None:
     master.generation = document["generation"]
     master.next_conn = document["next_conn"]
     master.counters.update(document["counters"])
+    master.metrics.restore(document.get("metrics"))  # before adopted workers' baselines
     connections = {}
     for c in document["connections"]:
         conn = Connection(

@@ -39,6 +39,7 @@ from proxyd import (
     handover,
     listener,
     log,
+    metrics,
     mounts,
     recovery,
     sdnotify,
@@ -103,10 +104,12 @@ class Master:
         control_listener: listener.Listener | None = None,
         argv: list[str] | None = None,
         resumed: dict[str, Any] | None = None,
+        metrics_listener: socket.socket | None = None,
     ) -> None:
         """`bound`: export sockets bound before detaching; `argv`: the command line, for
         an upgrade to start the new program with; `resumed`: the handover document of
-        the master that re-executed this program (proxyd/handover.py)."""
+        the master that re-executed this program (proxyd/handover.py);
+        `metrics_listener`: the metrics endpoint's socket, bound before detaching."""
         self.config = config
         self.argv = list(argv or [])
         self.resumed = resumed
@@ -137,6 +140,9 @@ class Master:
             self.selector, self.log, self.counters, self._hand_on, self._close_connection
         )
         self.refusals = admission.Refusals(self.log)
+        # Prometheus metrics (proxyd/metrics.py); the collaborators count into it too.
+        self.metrics = metrics.Metrics(self, metrics_listener)
+        self.sockets.metrics = self.recovery.metrics = self.metrics
         self.control: service.ControlService | None = None
         if control_listener is not None:
             self.start_control(control_listener)
@@ -170,6 +176,7 @@ class Master:
             )
         if w.pidfd is not None:
             self.selector.register(w.pidfd, selectors.EVENT_READ, lambda _, w=w: self._reap(w))
+            self.metrics.adopted(w)
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -192,6 +199,7 @@ class Master:
         else:
             for export in self.config.exports:
                 self.new_pool(export)
+        self.metrics.start()
         adopt.adopt_orphans(self)  # before any worker of ours starts: they keep their numbers
         self.notify.restore(self)  # what systemd's fd store kept of a master that died
         for pool in self.pools.values():
@@ -254,6 +262,7 @@ class Master:
         self.recovery.expire(now, stopping=self.stop_deadline is not None)
         if self.control is not None:
             self.control.expire(now)
+        self.metrics.tick(now)
         self.notify.tick(self)  # watchdog, readiness, status line, fd store: systemd
 
     # --- signals: the handlers only wake the loop ----------------------------------------
@@ -360,6 +369,7 @@ class Master:
             return "the daemon is stopping"
         try:
             new = self._reread()
+            self.metrics.reconfigure(new)  # a metrics_listen already taken refuses it
         except ConfigError as e:
             self.log.error("reload refused", error=str(e))
             self.counters["reloads_refused"] += 1
@@ -516,6 +526,7 @@ class Master:
         elif reason is not None:
             self.counters["refused_peers"] += 1
         if reason is not None:
+            self.metrics.refused(pool.name, reason)
             self.refusals.warn(pool.name, pid, uid, gid, reason)
             sock.close()
             return
@@ -523,6 +534,7 @@ class Master:
         self.next_conn += 1
         self.connections[conn.id] = conn
         self.counters["connections"] += 1
+        self.metrics.accepted(pool.name)
         self.log.info(
             "connection accepted",
             export=pool.name,
@@ -556,6 +568,7 @@ class Master:
     def _close_connection(self, conn: Connection, reason: str) -> None:
         self.connections.pop(conn.id, None)
         conn.sock.close()
+        self.metrics.closed(conn.export, reason)
         self.log.info(
             "connection closed",
             export=conn.export,
@@ -777,6 +790,7 @@ class Master:
             )
         else:
             self.counters["worker_deaths"] += 1
+            self.metrics.died(pool.name, status)
             conn_id = w.conn.id if w.conn else None
             self.log.warning(
                 "worker died",
@@ -797,6 +811,7 @@ class Master:
         lost = w.journal.fields[slot.LOG_DROPPED] + w.journal.fields[slot.LOG_PENDING]
         if lost:  # log lines it dropped, and those it still held: for `proxyd status`
             self.counters["log_lines_dropped_by_exited_workers"] += lost
+        self.metrics.worker_gone(w)  # what it counted stays in its export's totals
         w.journal.close()
         if pool.name in self.pools:
             before = set(pool.workers)
@@ -903,4 +918,5 @@ class Master:
         self.sockets.close_all()
         if self.control is not None:
             self.control.close()
+        self.metrics.close()
         self.log.info("stop", exit_code=self.exit_code, counters=dict(self.counters))

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import select
 import selectors
 import signal
 import socket
@@ -25,6 +26,7 @@ from typing import Any
 
 from proxyd import protocol as p
 from proxyd import slot
+from proxyd.metrics import Events
 from proxyd.pool import Connection, Worker
 from proxyd.slot import Slot
 
@@ -75,6 +77,13 @@ def queued(sock: socket.socket, request: int) -> int:
     return int.from_bytes(buf, sys.byteorder)
 
 
+def readable(sock: socket.socket) -> bool:
+    """Whether a recv would return at once: bytes wait, or the peer closed (poll(2))."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def changes_nothing(code: int, payload: bytes) -> bool:
     """Whether running request `code` again is exactly as correct as running it once:
     it reads the export and changes nothing in it (LSTAT, READLINK, STATFS, LGETXATTR,
@@ -99,39 +108,70 @@ def judge(journal: Slot, sock: socket.socket, retry: bool = True) -> Verdict:
     fields = journal.fields
     phase, have = fields[slot.PHASE], fields[slot.HAVE]
     code, size = journal.header()
-    if phase == slot.IDLE or (
-        phase == slot.RECEIVING and have == 0 and not journal.header_consumed()
-    ):
+    if phase == slot.IDLE:
         return Verdict(HAND_ON, "nothing was in flight", code)
-    if phase == slot.RECEIVING and have > 0:
-        prefix = bytes(journal.request[:have])
-        return Verdict(HAND_ON, "partly received request handed on", code, prefix=prefix)
+    if phase == slot.RECEIVING:
+        return _judge_receiving(journal, code, have)
+    if phase not in (slot.EXECUTING, slot.REPLY_READY):
+        # Only a worker that wrote nonsense in its journal gets here: trust none of it.
+        return Verdict(CLOSE, "journal unreadable", code)
     end = p.HEADER_SIZE + size
-    if phase in (slot.EXECUTING, slot.REPLY_READY):
-        request = bytes(journal.request[:end])
-        executed = hashlib.blake2b(request, digest_size=8).hexdigest()
-        # Bytes past this request were consumed too (a client that did not wait for its
-        # reply): they go on with the connection, whatever happens to this one.
-        rest = bytes(journal.request[end:have]) if have > end else b""
+    request = bytes(journal.request[:end])
+    executed = hashlib.blake2b(request, digest_size=8).hexdigest()
+    # Bytes past this request were consumed too (a client that did not wait for its
+    # reply): they go on with the connection, whatever happens to this one.
+    rest = bytes(journal.request[end:have]) if have > end else b""
     if phase == slot.EXECUTING:
         if retry and changes_nothing(code, request[p.HEADER_SIZE :]):
             outcome = "request executed again"
             return Verdict(HAND_ON, outcome, code, executed, request + rest, again=True)
         return Verdict(ANSWER_EIO, "answered EIO", code, executed, rest)
-    if phase == slot.REPLY_READY:
-        if queued(sock, SIOCOUTQ) > 0 or queued(sock, SIOCINQ) > 0:
-            return Verdict(HAND_ON, "reply had been sent", code, executed, rest)
-        return Verdict(AWAIT_NEXT, "reply state unknown", code, executed, rest)
-    if code in p.REQUESTS and size <= p.MAX_PAYLOAD and queued(sock, SIOCINQ) == 0:
-        # Died between a recv that returned and recording it (a kill that arrives
-        # while the recv is being woken up lands here). The header is in the buffer
-        # and nothing is left in the socket: a client that writes each request
-        # whole, as QEMU does, had its whole request consumed, and it is there.
-        prefix = bytes(journal.request[:end])
-        return Verdict(HAND_ON, "received request handed on", code, prefix=prefix)
-    # Part of the request may still be in the socket and part consumed: how much, we
-    # cannot tell, and a wrong guess would desynchronise the stream.
+    if queued(sock, SIOCOUTQ) > 0 or queued(sock, SIOCINQ) > 0:
+        return Verdict(HAND_ON, "reply had been sent", code, executed, rest)
+    return Verdict(AWAIT_NEXT, "reply state unknown", code, executed, rest)
+
+
+def _judge_receiving(journal: Slot, code: int, have: int) -> Verdict:
+    if not received_unrecorded(journal):
+        if have == 0:
+            return Verdict(HAND_ON, "nothing was in flight", code)
+        prefix = bytes(journal.request[:have])
+        return Verdict(HAND_ON, "partly received request handed on", code, prefix=prefix)
+    # Died between a recv that returned and recording it (a kill that arrives while the
+    # recv is being woken up lands here).
+    request = unrecorded_request(journal)
+    if request is not None:
+        return Verdict(HAND_ON, "received request handed on", code, prefix=request)
+    # Part of a request consumed, and how much we cannot tell: a wrong guess would run
+    # bytes the guest never sent, or desynchronise the stream.
     return Verdict(CLOSE, "died while receiving", code)
+
+
+def received_unrecorded(journal: Slot) -> bool:
+    """Whether the worker received bytes past those it recorded (HAVE): the first byte
+    after them is no longer what the worker left there (slot.Slot.clear_request). A
+    received byte equal to what it overwrote goes unseen; QEMU's requests start with a
+    non-zero code, so its next request is always seen."""
+    have, buf = journal.fields[slot.HAVE], journal.request
+    if have < p.HEADER_SIZE:
+        return any(buf[have : p.HEADER_SIZE]) or buf[p.HEADER_SIZE] != slot.FILL
+    return have < len(buf) and buf[have] != slot.FILL
+
+
+def unrecorded_request(journal: Slot) -> bytes | None:
+    """The request a worker received but did not record, when the buffer proves that
+    exactly it arrived: a known code, a payload whose last byte was written (it is not
+    FILL; bytes are received in order, so all before it were too) and nothing after it
+    (FILL: no request code starts with that byte). None when that cannot be told:
+    a request that ends in FILL, or a client that sent more without waiting."""
+    code, size = journal.header()
+    end = p.HEADER_SIZE + size
+    if code not in p.REQUESTS or not 0 < size <= p.MAX_PAYLOAD:
+        return None  # every request has a payload: a zero size is a header cut short
+    buf = journal.request
+    if buf[end - 1] == slot.FILL or (end < len(buf) and buf[end] != slot.FILL):
+        return None
+    return bytes(buf[:end])
 
 
 # What the watchdog finds in the journal of a busy worker that has stopped moving.
@@ -146,7 +186,9 @@ def stuck(journal: Slot, sock: socket.socket) -> str | None:
     phase = journal.fields[slot.PHASE]
     if phase in (slot.EXECUTING, slot.REPLY_READY):
         return HUNG
-    if phase == slot.RECEIVING and queued(sock, SIOCINQ) > 0:
+    # Bytes wait in the socket, or in the buffer (a recv returned that the worker has
+    # not recorded: it stopped right there).
+    if phase == slot.RECEIVING and (queued(sock, SIOCINQ) > 0 or received_unrecorded(journal)):
         return UNRESPONSIVE
     return None
 
@@ -207,6 +249,7 @@ class Recovery:
         self._hand_on = hand_on
         self._close = close
         self.undecided: dict[int, tuple[Connection, str | None, float]] = {}
+        self.metrics = Events()  # the master's (proxyd/metrics.py)
 
     def worker_died(self, w: Worker, conn: Connection, asked_to_leave: bool = False) -> None:
         """Act on the verdict for `conn`, whose worker `w` died: hand it to a fresh
@@ -254,7 +297,12 @@ class Recovery:
         """Close the undecided connections whose guest sent nothing in time (all of
         them when the daemon is stopping)."""
         for conn_id, (conn, op, deadline) in list(self.undecided.items()):
-            if now >= deadline or stopping:
+            if now < deadline and not stopping:
+                continue
+            if not stopping and readable(conn.sock):
+                # It came in time; a master running late must not hold that against it.
+                self._reply_was_read(conn)
+            else:
                 del self.undecided[conn_id]
                 self._selector.unregister(conn.sock)
                 self._uncertain(conn, op, "died sending a reply; the guest sent nothing since")
@@ -277,6 +325,7 @@ class Recovery:
         if w.killed_for is None:
             w.killed_for, w.killed_at = kind, now
             fields = {"export": w.pool.name, "worker_pid": w.pid, "conn": w.conn.id}
+            self.metrics.watchdog_killed(w.pool.name, kind)
             if kind == UNRESPONSIVE:
                 self._counters["unresponsive_killed"] += 1
                 self.log.warning("worker unresponsive", timeout_s=timeout, **fields)
@@ -297,6 +346,7 @@ class Recovery:
         if not count_death(conn, request):
             return False
         self._counters["poison_closed"] += 1
+        self.metrics.poisoned(conn.export)
         self.log.warning(
             "poison connection closed",
             export=conn.export,
@@ -309,6 +359,7 @@ class Recovery:
 
     def _recovered(self, conn: Connection, op: str | None, outcome: str) -> None:
         self._counters["recoveries"] += 1
+        self.metrics.recovered(conn.export, outcome)
         self.log.warning("crash recovery", export=conn.export, conn=conn.id, op=op, outcome=outcome)
         self._hand_on(conn)
 
@@ -319,6 +370,7 @@ class Recovery:
 
     def _uncertain(self, conn: Connection, op: str | None, detail: str) -> None:
         self._counters["uncertain_closed"] += 1
+        self.metrics.recovered(conn.export, "reply state unknown")
         self.log.warning(
             "connection closed after a crash: reply state unknown",
             export=conn.export,

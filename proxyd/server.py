@@ -2,12 +2,15 @@
 
 The hot path per request is one recv into the journal's request buffer (header and
 payload usually arrive together), the operation, and one send of the whole reply;
-dispatch is a list indexed by request code. Compiled by setup.py (Cython, pure Python
-mode): this file is the only source, run by the interpreter where it is not compiled.
+dispatch is a list indexed by request code. With metrics on, each reply is also counted
+in the journal's metrics area (slot.py) with C stores. Compiled by setup.py (Cython,
+pure Python mode): this file is the only source, run by the interpreter where it is
+not compiled.
 """
 
 from __future__ import annotations
 
+import array
 import errno
 import os
 import socket
@@ -29,6 +32,7 @@ if cython.compiled:
     from cython.cimports.libc.errno import EAGAIN, EINTR
     from cython.cimports.libc.errno import errno as c_errno
     from cython.cimports.libc.string import memcpy, memset
+    from cython.cimports.posix.time import CLOCK_MONOTONIC, clock_gettime, timespec
     from cython.cimports.proxyd._libc import (
         CMSG_DATA,
         CMSG_FIRSTHDR,
@@ -55,6 +59,20 @@ _U32 = struct.Struct("=I")
 _FD_VALID = cython.declare(cython.int, p.FD_VALID)
 _PHASE = cython.declare(cython.Py_ssize_t, slot.PHASE)
 _REPLY_READY = cython.declare(cython.uint, slot.REPLY_READY)
+_HEADER_SIZE = cython.declare(cython.Py_ssize_t, p.HEADER_SIZE)
+_FILL = cython.declare(cython.uchar, slot.FILL)
+_M_CODES = cython.declare(cython.Py_ssize_t, slot.M_CODES)
+_PER_CODE = cython.declare(cython.Py_ssize_t, slot.PER_CODE)
+_M_OK = cython.declare(cython.Py_ssize_t, slot.M_OK)
+_M_ERROR = cython.declare(cython.Py_ssize_t, slot.M_ERROR)
+_M_SUM_NS = cython.declare(cython.Py_ssize_t, slot.M_SUM_NS)
+_M_BUCKETS = cython.declare(cython.Py_ssize_t, slot.M_BUCKETS)
+_M_ERRNOS = cython.declare(cython.Py_ssize_t, slot.M_ERRNOS)
+_ERRNO_OTHER = cython.declare(cython.Py_ssize_t, slot.ERRNO_OTHER)
+# What the loop reads as C arrays (memoryviews interpreted): the duration buckets'
+# bounds, and errno -> its word in the errno counts.
+_DURATION_BOUNDS = memoryview(array.array("q", slot.DURATION_BOUNDS_NS))
+_ERRNO_CLASSES = memoryview(array.array("B", slot.errno_classes()))
 
 
 def _data_or_length(value: int | bytes) -> bytes:
@@ -238,10 +256,52 @@ def _bytes(buf: cython.uchar[::1], start: cython.Py_ssize_t, end: cython.Py_ssiz
 
 @cython.cfunc
 @cython.boundscheck(False)
-def _clear_header(buf: cython.uchar[::1]) -> cython.int:
+def _clear(buf: cython.uchar[::1], start: cython.Py_ssize_t, end: cython.Py_ssize_t) -> cython.int:
+    """Make buf[start:end] say "not received" again (slot.Slot.clear_request): zeros in
+    the header, FILL after it. The master reads how far a recv it never heard of got
+    from where these bytes were overwritten (recovery.received_unrecorded)."""
     i: cython.Py_ssize_t
-    for i in range(p.HEADER_SIZE):
+    for i in range(start, min(end, _HEADER_SIZE)):
         buf[i] = 0
+    for i in range(max(start, _HEADER_SIZE), end):
+        buf[i] = _FILL
+    return 0
+
+
+@cython.cfunc
+def _now() -> cython.longlong:
+    """CLOCK_MONOTONIC in nanoseconds (the vDSO: no system call)."""
+    if cython.compiled:
+        ts = cython.declare(timespec)
+        clock_gettime(CLOCK_MONOTONIC, cython.address(ts))
+        return ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+    return time.monotonic_ns()
+
+
+@cython.cfunc
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def _count(
+    area: cython.ulonglong[::1],
+    bounds: cython.longlong[::1],
+    classes: cython.uchar[::1],
+    code: cython.uint,
+    err: cython.int,
+    ns: cython.longlong,
+) -> cython.int:
+    """Count one reply to request `code` in the metrics area (slot.py): ok or error
+    (and its errno's class), its duration `ns` in the sum and in its bucket."""
+    at: cython.Py_ssize_t = _M_CODES + code * _PER_CODE
+    if err:
+        area[at + _M_ERROR] += 1
+        area[_M_ERRNOS + (classes[err] if err < classes.shape[0] else _ERRNO_OTHER)] += 1
+    else:
+        area[at + _M_OK] += 1
+    area[at + _M_SUM_NS] += ns
+    i: cython.Py_ssize_t = 0
+    while i < bounds.shape[0] and ns > bounds[i]:  # le: the first bound not below it
+        i += 1
+    area[at + _M_BUCKETS + i] += 1
     return 0
 
 
@@ -276,7 +336,8 @@ class Server:
     master (a private one when there is no master), so that a crash at any point
     leaves the master enough to answer the guest or hand the connection on.
     `on_command` is called at a request boundary when the master has set a command
-    or a new log epoch in the slot; it may raise Released.
+    or a new log epoch in the slot; it may raise Released. `metrics`: count every
+    reply in the slot's metrics area.
     """
 
     def __init__(
@@ -290,10 +351,12 @@ class Server:
         on_command: Callable[[], None] | None = None,
         on_log_reopen: Callable[[], None] | None = None,
         id_maps: tuple[IdMap, IdMap] | None = None,
+        metrics: bool = False,
     ) -> None:
         self._handlers = request_handlers(ops)
         self._log = log
         self._slot = slot_ if slot_ is not None else Slot()
+        self._counting = metrics  # count every reply in the slot's metrics area
         self._stall_wakeups = max(1, round(request_timeout / WAKE_INTERVAL))
         seconds = int(request_timeout)
         self._send_timeval = struct.pack("@ll", seconds, int((request_timeout - seconds) * 1e6))
@@ -384,7 +447,10 @@ class Server:
         n_codes: cython.uint = len(handlers)
         fd: cython.int = sock.fileno()
         receive = self._receive
-        clock = time.perf_counter_ns
+        counting: cython.bint = self._counting
+        area: cython.ulonglong[::1] = self._slot.metrics
+        bounds: cython.longlong[::1] = _DURATION_BOUNDS
+        classes: cython.uchar[::1] = _ERRNO_CLASSES
         HEADER_SIZE: cython.Py_ssize_t = p.HEADER_SIZE  # noqa: N806
         MAX_PAYLOAD: cython.uint = p.MAX_PAYLOAD  # noqa: N806
         PHASE: cython.Py_ssize_t = slot.PHASE  # noqa: N806
@@ -402,9 +468,9 @@ class Server:
         end: cython.Py_ssize_t
         n: cython.Py_ssize_t
         err: cython.int
+        started: cython.longlong
+        ended: cython.longlong
         have: cython.Py_ssize_t = fields[HAVE]  # bytes already in the buffer: handed on
-        if have == 0:
-            _clear_header(buf)
         fields[PHASE] = RECEIVING
         seq: cython.uint = 0
         while True:
@@ -444,7 +510,10 @@ class Server:
             audit = audited[code]
             if audit == AUDIT_IF_WRITING:  # OPEN at "mutations": only when it writes
                 audit = AUDIT_ALWAYS if _open_writes(buf, size) else AUDIT_NEVER
-            started = clock() if audit else 0
+            # One clock read here and one after the reply, for the metrics and the
+            # audit line's dur_us alike.
+            started = _now() if audit or counting else 0
+            ended = 0
             try:
                 result = handlers[code](payload)
                 err = 0
@@ -469,24 +538,29 @@ class Server:
             logged = audit or (err and self._refusal)
 
             # Back to a request boundary at once (the master's view of a death is
-            # exact again). Clear the header before saying RECEIVING, so that a header
-            # the master finds there was really just received. The audit line comes
+            # exact again). Clear what was used before saying RECEIVING, so that bytes
+            # the master finds there were really just received. The audit line comes
             # after: the payload was copied out, only the header was cleared.
             have -= end
             if have:  # a client that did not wait for its reply: keep the rest
                 if logged:
-                    self._audit(code, payload, err, started, audit)
+                    self._audit(code, payload, err, started, 0, audit)
                     logged = False
                 buf[:have] = buf[end : end + have]
-            else:
-                _clear_header(buf)
+            _clear(buf, have, end + have)
             fields[HAVE] = have
             fields[PHASE] = RECEIVING
+            if counting:  # after RECEIVING: the window after the reply stays as short
+                ended = _now()
+                _count(area, bounds, classes, code, err, ended - started)
             if logged:
-                self._audit(code, payload, err, started, audit)
+                self._audit(code, payload, err, started, ended, audit)
 
-    def _audit(self, code: int, payload: bytes, err: int, started: int, audit: int) -> None:
+    def _audit(
+        self, code: int, payload: bytes, err: int, started: int, ended: int, audit: int
+    ) -> None:
         """The audit event of one request (after its reply went out: off the latency).
+        `started`, `ended`: monotonic ns around it (`ended` 0: now).
 
         A security refusal (special file, read-only export) is a warning, and is
         logged even where the audit level would not log the request.
@@ -504,7 +578,7 @@ class Server:
             host_ids(fields, *self._id_maps)
         fields["result"] = log.result_name(err)
         if started:
-            fields["dur_us"] = (time.perf_counter_ns() - started) // 1000
+            fields["dur_us"] = ((ended or time.monotonic_ns()) - started) // 1000
         if refusal:
             self._log.warning("op", refused=refusal, **fields)
         else:

@@ -10,15 +10,17 @@ master reads the slot to decide what the guest is owed:
     EXECUTING                        -> the request may have run: answer -EIO
     REPLY_READY (reply being sent)    -> look at the socket; if unsure, close
 
-Layout: a row of u32 fields, the request buffer, then the relay ring (Relay).
+Layout: a row of u32 fields, the request buffer, the relay ring (Relay), then, at the
+next page, the metrics area: u64 request counts the worker adds to (below).
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 
-from proxyd.protocol import BUFFER_SIZE, HEADER, HEADER_SIZE
+from proxyd.protocol import BUFFER_SIZE, HEADER, HEADER_SIZE, REQUESTS
 
 # Phases.
 IDLE = 0  # no connection
@@ -50,9 +52,84 @@ RETIRE = 1
 
 _FIELDS_SIZE = FIELDS * 4
 RELAY_SIZE = 64 * 1024  # log lines of a worker whose master died, for the next one
-SLOT_SIZE = _FIELDS_SIZE + BUFFER_SIZE + RELAY_SIZE
+
+# --- the metrics area: what the worker served, counted with plain stores ------------------
+#
+# u64 words, for the worker's whole life, each written by the worker alone (one aligned
+# 8-byte store: the master never reads half of one) and summed by the master when
+# Prometheus scrapes (proxyd/metrics.py). Written only when metrics are configured.
+METRICS_LAYOUT = 1  # word 0: a master reads only an area whose layout it knows
+# Request durations (ns, the operation and its reply) by upper bound ("le"): 10 µs to
+# 30 s in 1-2.5-5 steps; one more bucket counts what is above the last.
+_US, _MS, _S = 1_000, 1_000_000, 1_000_000_000
+DURATION_BOUNDS_NS = (
+    *(10 * _US, 25 * _US, 50 * _US, 100 * _US, 250 * _US, 500 * _US),
+    *(1 * _MS, 2500 * _US, 5 * _MS, 10 * _MS, 25 * _MS, 50 * _MS, 100 * _MS, 250 * _MS),
+    *(500 * _MS, 1 * _S, 2500 * _MS, 5 * _S, 10 * _S, 30 * _S),
+)
+REQUEST_CODES = max(REQUESTS) + 1
+# Per request code, PER_CODE words from M_CODES + code * PER_CODE: replies ok, replies
+# with an errno, the sum of their durations (ns), then one count per duration bucket.
+M_OK, M_ERROR, M_SUM_NS, M_BUCKETS = 0, 1, 2, 3
+PER_CODE = M_BUCKETS + len(DURATION_BOUNDS_NS) + 1
+M_CODES = 1
+# Error replies by errno: one word per name here, then one for any other errno (a fixed
+# set keeps the number of Prometheus series bounded).
+ERRNO_NAMES = (
+    "E2BIG",
+    "EACCES",
+    "EAGAIN",
+    "EBADF",
+    "EBUSY",
+    "EDQUOT",
+    "EEXIST",
+    "EFBIG",
+    "EINVAL",
+    "EIO",
+    "EISDIR",
+    "ELOOP",
+    "EMLINK",
+    "ENAMETOOLONG",
+    "ENOBUFS",
+    "ENODATA",
+    "ENOENT",
+    "ENOSPC",
+    "ENOTDIR",
+    "ENOTEMPTY",
+    "ENXIO",
+    "EOPNOTSUPP",
+    "EPERM",
+    "ERANGE",
+    "EROFS",
+    "ETXTBSY",
+    "EXDEV",
+)
+M_ERRNOS = M_CODES + REQUEST_CODES * PER_CODE
+ERRNO_OTHER = len(ERRNO_NAMES)  # the class of an errno not named above
+METRICS_WORDS = M_ERRNOS + len(ERRNO_NAMES) + 1
+
+
+def errno_classes() -> bytes:
+    """For each errno 0..255, its word in the errno counts (index into ERRNO_NAMES, or
+    ERRNO_OTHER). An errno of 256 or more is ERRNO_OTHER too."""
+    table = bytearray([ERRNO_OTHER]) * 256
+    for i, name in enumerate(ERRNO_NAMES):
+        table[getattr(errno, name)] = i
+    return bytes(table)
+
+
+_RELAY_AT = _FIELDS_SIZE + BUFFER_SIZE
+_METRICS_AT = -(-(_RELAY_AT + RELAY_SIZE) // mmap.PAGESIZE) * mmap.PAGESIZE
+SLOT_SIZE = _METRICS_AT + METRICS_WORDS * 8
 
 _ZERO_HEADER = bytes(HEADER_SIZE)
+# What the request buffer holds past the bytes received: a cleared header (zeros) and
+# then FILL. A worker killed as a recv returns has not recorded what it got; bytes that
+# differ from these were written since, which tells the master how far the recv came
+# (recovery.received_unrecorded). 0xF7 is never a request code's byte, never a byte of
+# UTF-8, and rare as the last byte of an integer.
+FILL = 0xF7
+_FILLED_PAYLOAD = bytes([FILL]) * (BUFFER_SIZE - HEADER_SIZE)
 
 
 class Slot:
@@ -61,9 +138,13 @@ class Slot:
     Backed by a memfd (`fd`), so that a master that re-executes itself for an upgrade
     can map the journals of the workers it keeps (Slot(fd=...)). Python's mmap holds a
     duplicate of that descriptor of its own: a journal costs two. Raises OSError
-    (EMFILE, ENOMEM, ...) when it cannot be made."""
+    (EMFILE, ENOMEM, ...) when it cannot be made.
+
+    `metrics` is the metrics area as u64 words, None in the journal of a worker of a
+    program that had none (an upgrade maps the journals it keeps as they are)."""
 
     def __init__(self, fd: int | None = None) -> None:
+        new = fd is None
         if fd is None:
             fd = os.memfd_create("proxyd-journal", os.MFD_CLOEXEC)
             try:
@@ -73,30 +154,40 @@ class Slot:
                 raise
         self.fd = fd
         try:
-            self._map = mmap.mmap(fd, SLOT_SIZE, mmap.MAP_SHARED)
+            # Mapping past the end of the memfd would fault on the first access there.
+            size = min(SLOT_SIZE, os.fstat(fd).st_size)
+            self._map = mmap.mmap(fd, size, mmap.MAP_SHARED)
         except BaseException:
             os.close(fd)
             raise
         view = memoryview(self._map)
         self.fields = view[:_FIELDS_SIZE].cast("I")
-        self.request = view[_FIELDS_SIZE : _FIELDS_SIZE + BUFFER_SIZE]
-        self.relay = Relay(self.fields, view[_FIELDS_SIZE + BUFFER_SIZE : SLOT_SIZE])
+        self.request = view[_FIELDS_SIZE:_RELAY_AT]
+        self.relay = Relay(self.fields, view[_RELAY_AT : _RELAY_AT + RELAY_SIZE])
+        self.metrics = view[_METRICS_AT:SLOT_SIZE].cast("Q") if size == SLOT_SIZE else None
+        if self.metrics is not None and self.metrics[0] == 0:  # a new journal
+            self.metrics[0] = METRICS_LAYOUT
+        if new:  # a journal taken over (fd=...) holds a live worker's state
+            self.clear_request()
 
     def reset(self) -> None:
         for i in range(FIELDS):
             if i not in _LIFELONG:
                 self.fields[i] = 0
+        self.clear_request()
+
+    def clear_request(self) -> None:
+        """Nothing received: a zero header, then FILL (the worker keeps it so)."""
         self.request[:HEADER_SIZE] = _ZERO_HEADER
+        self.request[HEADER_SIZE:] = _FILLED_PAYLOAD
 
     def header(self) -> tuple[int, int]:
         """(code, size) of the request header in the buffer (zeros when cleared)."""
         return HEADER.unpack_from(self.request)
 
-    def header_consumed(self) -> bool:
-        """Whether any byte of a request landed in the (cleared) header."""
-        return self.request[:HEADER_SIZE] != _ZERO_HEADER
-
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.release()
         self.relay.ring.release()
         self.fields.release()
         self.request.release()

@@ -22,6 +22,7 @@ from typing import Any
 
 from proxyd import listener
 from proxyd.config import Config, ConfigError
+from proxyd.metrics import Events
 from proxyd.pool import PENDING_LIMIT, Pool
 
 ACCEPT_BATCH = 16  # connections accepted per wake-up: one socket cannot starve the rest
@@ -74,6 +75,7 @@ class Sockets:
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._watcher = listener.DirectoryWatcher()
         selector.register(self._watcher.fd, selectors.EVENT_READ, self._on_inotify)
+        self.metrics = Events()  # the master's (proxyd/metrics.py)
 
     def warn_if_short(self, config: Config) -> None:
         needed = descriptors_needed(config)
@@ -198,7 +200,7 @@ class Sockets:
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE):
-                    self._shed(sock)
+                    self._shed(pool, sock)
                 else:  # ENOMEM, ENOBUFS, ...: the connection waits in the backlog
                     self.log.warning("accept failed", export=pool.name, error=e.strerror)
                 return
@@ -206,7 +208,7 @@ class Sockets:
             headroom -= FDS_PER_CONNECTION
             self._admit(pool, conn)
 
-    def _shed(self, sock: socket.socket) -> None:
+    def _shed(self, pool: Pool, sock: socket.socket) -> None:
         """Out of descriptors all the same: use the reserve one to accept and close a
         connection, so that a full backlog cannot make the loop spin."""
         os.close(self._reserve_fd)
@@ -217,6 +219,7 @@ class Sockets:
             pass
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._counters["refused_no_fds"] += 1
+        self.metrics.refused(pool.name, "out of file descriptors")
         self.log.warning("connection refused", reason="out of file descriptors")
 
     def headroom(self) -> int:

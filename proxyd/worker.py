@@ -11,7 +11,7 @@ import socket
 from typing import Any, NoReturn
 
 from proxyd import channel, log, privileges, slot
-from proxyd.config import EXIT_EXPORT, EXIT_INTERNAL, EXIT_OK, Config, ExportConfig
+from proxyd.config import EXIT_EXPORT, EXIT_INTERNAL, EXIT_OK, Config, ExportConfig, metrics_on
 from proxyd.ops import ExportOps, ReadOnlyOps, has_generations
 from proxyd.server import Released, Server
 from proxyd.slot import Slot
@@ -127,6 +127,7 @@ def _worker(
         on_command=on_command,
         on_log_reopen=on_log_reopen,
         id_maps=(export.uid_map, export.gid_map) if export.id_mapped else None,
+        metrics=metrics_on(config),
     )
     if not _report(control, {"op": "ready"}):
         return EXIT_OK  # retired before it was ready (a reload, a stop): nothing to say

@@ -29,6 +29,9 @@ MAX_CRASH_MS = 5_000
 MAX_PROXYD_MB, MAX_REFERENCE_MB = 200, 64
 MAX_GUEST_S = 300
 MAX_DBENCH_MB_S, MAX_FS_MARK_FILES_S = 1000, 100_000
+# proxyd's CPU per request is a few times the C reference's, never 100 times; a scrape of
+# the metrics endpoint taking 5 s is a hung endpoint.
+MAX_RATIO, MAX_SCRAPE_MS = 100, 5_000
 
 
 def spread(figure: dict[str, float], low: float, high: float) -> float:
@@ -81,6 +84,21 @@ def test_bench_smoke_figures_are_plausible(tmp_path: Path) -> None:
     for cpu in figures["audit"].values():
         spread(cpu, 0, MAX_CPU_US)
 
+    # The cost of metrics: the reference and proxyd with metrics off and on, each a
+    # pinned server's CPU and round trip as above; proxyd / reference within (0, 100);
+    # one scrape of the endpoint.
+    assert set(figures["metrics"]["figures"]) == {
+        f"{w}, {p}" for w in ("lstat", "mixed") for p in ("two CPUs", "one CPU")
+    }
+    for name, settings in figures["metrics"]["figures"].items():
+        for setting in ("reference", "off", "on"):
+            rtt = spread(settings[setting]["rtt_us"], 0, MAX_RTT_US)
+            cpu = spread(settings[setting]["cpu_us"], 0, MAX_CPU_US)
+            assert cpu <= 1.5 * rtt, (name, setting, settings[setting])
+        for setting in ("off", "on"):
+            spread(settings["ratio"][setting], 0, MAX_RATIO)
+    spread(figures["metrics"]["scrape_ms"], 0, MAX_SCRAPE_MS)
+
     crash = figures["crash"]
     assert crash["kills"] == SMOKE_KILLS, crash  # every kill found a busy worker
     assert 0 < crash["median_ms"] <= crash["p99_ms"] <= crash["max_ms"] < MAX_CRASH_MS, crash
@@ -111,5 +129,22 @@ def test_bench_smoke_figures_are_plausible(tmp_path: Path) -> None:
             spread(programs[name][kind], 0, high)
 
     report = (out / "results.md").read_text()
-    for heading in ("two CPUs", "one CPU", "Aggregate", "Audit cost", "crash", "Memory", "guest"):
+    headings = ("two CPUs", "one CPU", "Aggregate", "Audit cost", "Metrics cost", "crash")
+    for heading in (*headings, "Memory", "guest"):
         assert heading in report
+
+
+def test_bench_only_runs_the_figures_named(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    argv = [sys.executable, str(CHECKOUT / "scripts" / "bench"), "--smoke", "--out", str(out)]
+    result = subprocess.run(
+        [*argv, "--only", "metrics"], cwd=CHECKOUT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(json.loads((out / "results.json").read_text())) == {"machine", "metrics"}
+    report = (out / "results.md").read_text()
+    assert "Metrics cost" in report and "Aggregate" not in report
+    wrong = subprocess.run(
+        [*argv, "--only", "metric"], cwd=CHECKOUT, capture_output=True, text=True, timeout=600
+    )
+    assert wrong.returncode == 2 and "--only: no figure named metric" in wrong.stderr

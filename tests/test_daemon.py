@@ -1,40 +1,32 @@
 """The long-running daemon: pools, many VMs per socket, allow-lists, read-only exports,
-crash recovery, hung requests, signals and reload, against a real proxyd."""
+signals and reload, against a real proxyd (crash recovery: tests/test_verdicts.py)."""
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import signal
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.daemon import (
-    SYS_RECVFROM,
-    SYS_TRUNCATE,
     Daemon,
     title,
-    wait_in_syscall,
     wait_until,
     write_config,
 )
 from tests.proxyclient import (
     CHECKOUT,
     LSTAT,
-    TRUNCATE,
     ConnectionClosed,
     ProxyClient,
-    decode_stat,
     errno_of,
     marshal,
 )
@@ -42,10 +34,6 @@ from tests.proxyclient import (
 
 def ok(reply) -> None:  # type: ignore[no-untyped-def]
     assert reply.ok, f"expected success, got {os.strerror(errno_of(reply))}"
-
-
-def last_conn(daemon: Daemon) -> int:
-    return daemon.wait_event("connection accepted")[-1]["conn"]
 
 
 # --- pools -----------------------------------------------------------------------------
@@ -131,7 +119,8 @@ def test_peers_outside_the_allow_list_are_refused(tmp_path: Path) -> None:
     ]
     with Daemon(tmp_path, exports) as d:
         refused = d.connect("a", unlink=False)
-        with pytest.raises(ConnectionClosed):
+        # Closed before the request is sent, or after: either way no reply.
+        with pytest.raises((ConnectionClosed, BrokenPipeError, ConnectionResetError)):
             refused.lstat("/")
         event = d.wait_event("connection refused", export="a")[-1]
         assert event["level"] == "warning" and event["peer_uid"] == 0
@@ -221,95 +210,8 @@ def test_invalid_configuration_names_the_key(
 # --- crashes ----------------------------------------------------------------------------------
 
 
-def test_killed_idle_worker_costs_the_guest_nothing(tmp_path: Path) -> None:
-    with Daemon(tmp_path, [{"name": "a"}]) as d:
-        c = d.connect("a")
-        ok(c.mkdir(0, 0, "/d", 0o755))
-        victim = d.serving_worker(last_conn(d))
-        time.sleep(0.1)  # let it reach its request boundary: this test kills an idle worker
-        os.kill(victim, signal.SIGKILL)
-        d.wait_event("crash recovery", outcome="nothing was in flight")
-        ok(c.lstat("/d"))  # no error at all: the connection moved to a fresh worker
-        assert victim not in d.workers()
-        assert d.events("worker died", signal="SIGKILL")
-
-
-def test_worker_killed_mid_request_hands_the_received_part_on(tmp_path: Path) -> None:
-    with Daemon(tmp_path, [{"name": "a"}]) as d:
-        (Path(d.exports["a"]["path"]) / "file").write_text("x")
-        c = d.connect("a")
-        ok(c.lstat("/"))
-        victim = d.serving_worker(last_conn(d))
-        request = struct.pack("=II", LSTAT, 7) + marshal("s", "/file")
-        c.send_raw(request[:10])  # half a request: the worker has consumed it
-        time.sleep(0.2)
-        os.kill(victim, signal.SIGKILL)
-        d.wait_event("crash recovery", outcome="partly received request handed on")
-        c.send_raw(request[10:])
-        reply = c.recv_header_reply("data")
-        ok(reply)  # the request completed as if nothing happened
-        assert decode_stat(reply.data)["size"] == 1  # it was the LSTAT of "file"
-
-
-def test_hung_request_is_killed_and_answered_eio(tmp_path: Path) -> None:
-    with Daemon(tmp_path, [{"name": "a"}], request_timeout=1.0) as d:
-        host_file = Path(d.exports["a"]["path"]) / "leased"
-        host_file.write_text("data")
-        c = d.connect("a")
-        ok(c.lstat("/leased"))
-        # A read lease held by this process makes truncate() in the worker block until
-        # the lease is released: a request that hangs in the kernel.
-        old = signal.signal(signal.SIGIO, signal.SIG_IGN)  # the lease-break notice
-        fd = os.open(host_file, os.O_RDONLY)
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-            started = time.monotonic()
-            reply = c.truncate("/leased", 0)
-            assert errno_of(reply) == errno.EIO
-            assert time.monotonic() - started < 8
-        finally:
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-            os.close(fd)
-            signal.signal(signal.SIGIO, old)
-        d.wait_event("request timed out, killing worker", op="truncate")
-        d.wait_event("crash recovery", outcome="answered EIO", op="truncate")
-        ok(c.lstat("/leased"))  # the guest keeps its mount
-
-
-def test_deaths_during_different_requests_are_not_poison(tmp_path: Path) -> None:
-    """Deaths of an idle worker cost nothing; deaths while a mutation executes cost
-    that request an EIO; the connection is never closed for them, however many,
-    because no request was executed twice (poison is one request killing again)."""
-    with Daemon(tmp_path, [{"name": "a", "min_idle": 2}]) as d:
-        host_file = Path(d.exports["a"]["path"]) / "leased"
-        host_file.write_text("data")
-        c = d.connect("a")
-        ok(c.lstat("/"))
-        conn = last_conn(d)
-        for _ in range(2):  # deaths of an idle worker are not the connection's fault
-            victim = d.serving_worker(conn)
-            wait_in_syscall(victim, SYS_RECVFROM)
-            os.kill(victim, signal.SIGKILL)
-            ok(c.lstat("/"))
-        old = signal.signal(signal.SIGIO, signal.SIG_IGN)  # the lease-break notice
-        try:
-            for _ in range(4):
-                # A read lease makes the worker's truncate() hang: a request in flight.
-                fd = os.open(host_file, os.O_RDONLY)
-                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-                victim = d.serving_worker(conn)
-                c.send_request(TRUNCATE, marshal("sq", "/leased", 0))
-                wait_in_syscall(victim, SYS_TRUNCATE)
-                os.kill(victim, signal.SIGKILL)
-                assert errno_of(c.recv_header_reply("status")) == errno.EIO
-                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-                os.close(fd)
-        finally:
-            signal.signal(signal.SIGIO, old)
-        ok(c.lstat("/"))
-        assert host_file.read_text() == "data"  # killed before truncate() returned
-        assert len(d.events("crash recovery", conn=conn, outcome="answered EIO")) == 4
-        assert not d.events("poison connection closed")
+# Each row of README's "When a worker dies" table, the watchdog's and poison's, with the
+# worker held at exactly that point: tests/test_verdicts.py.
 
 
 def test_export_that_can_never_serve_exits_3(tmp_path: Path) -> None:

@@ -70,19 +70,42 @@ def test_partly_received_request_goes_on_with_its_bytes(journal, pair) -> None:
     assert verdict.outcome == "partly received request handed on"
 
 
-def test_received_but_unrecorded_request_goes_on_whole_if_the_socket_is_empty(
+def test_received_but_unrecorded_request_goes_on_whole_when_the_buffer_proves_it(
     journal, pair
 ) -> None:
+    """A recv returned and its worker died before recording it (HAVE still says what it
+    had before): the bytes it overwrote tell how far the recv came."""
     guest, server = pair
-    request = lstat_request()
-    put(journal, slot.RECEIVING, request, have=0)  # recv returned, HAVE not stored yet
-    verdict = recovery.judge(journal, server)
-    assert verdict.action == recovery.HAND_ON
-    assert verdict.prefix == request and verdict.op == "lstat"
-    assert verdict.outcome == "received request handed on"
-    guest.send(b"more")  # part of the request may still be in the socket: undecidable
-    verdict = recovery.judge(journal, server)
-    assert verdict.action == recovery.CLOSE and verdict.outcome == "died while receiving"
+    whole = lstat_request("/victim")
+    for had in (0, 3, 8, 12):  # nothing yet, part of the header, the header, more
+        put(journal, slot.RECEIVING, whole, have=had)
+        verdict = recovery.judge(journal, server)
+        assert verdict.action == recovery.HAND_ON, had
+        assert verdict.prefix == whole and verdict.op == "lstat"
+        assert verdict.outcome == "received request handed on"
+    guest.send(b"more")  # the guest's next bytes, still in the socket, change nothing
+    assert recovery.judge(journal, server).prefix == whole
+
+
+def test_received_but_unrecorded_part_of_a_request_closes_the_connection(journal, pair) -> None:
+    """How much of the request the recv took cannot be told: running the header with
+    the bytes an earlier request left after it (REMOVE of a path the guest never sent),
+    or handing on too little, is never a verdict."""
+    _, server = pair
+    remove = request(p.T_REMOVE, "s", "/other")
+    cases = {
+        "header alone": remove[: p.HEADER_SIZE],
+        "header and part of the payload": remove[:-1],
+        "part of the header": remove[:5],
+        "a request and part of the next": remove + lstat_request()[:3],
+        "a request whose last byte is the fill": request(
+            p.T_CHMOD, "sd", "/f", (slot.FILL << 24) - (1 << 32)
+        ),
+    }
+    for what, received in cases.items():
+        put(journal, slot.RECEIVING, received, have=0)
+        verdict = recovery.judge(journal, server)
+        assert (verdict.action, verdict.outcome) == (recovery.CLOSE, "died while receiving"), what
 
 
 def test_executing_a_request_that_changes_nothing_runs_it_again(journal, pair) -> None:

@@ -196,8 +196,9 @@ def protected_trees() -> list[str]:
 
 
 def test_shipped_configuration_outside_protected_trees() -> None:
-    """Exports, sockets and the log file must be writable and, for sockets, shared with
-    QEMU: none may lie where the unit makes the file system read-only or private."""
+    """Exports, sockets, the log file and the metrics file must be writable and, for
+    sockets, shared with QEMU: none may lie where the unit makes the file system
+    read-only or private."""
     text = (CHECKOUT / "conf" / "proxyd.toml").read_text()
     config = tomllib.loads(text)
     paths = [config["daemon"]["control_socket"]]
@@ -206,6 +207,9 @@ def test_shipped_configuration_outside_protected_trees() -> None:
     log_file = re.search(r'^# log_file = "(.*)"$', text, re.M)
     assert log_file
     paths.append(log_file[1])
+    metrics_file = re.search(r'^# metrics_file = "(.*)"$', text, re.M)
+    assert metrics_file
+    paths.append(metrics_file[1])
     trees = protected_trees()
     assert [p for p in paths if any(f"{p}/".startswith(t) for t in trees)] == []
 
