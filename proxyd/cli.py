@@ -191,13 +191,7 @@ def serve(config: Config, argv: list[str]) -> int:
     # Once the pidfile names this process a TERM may come: it waits, blocked, for the
     # master's handler (Master.run unblocks them), instead of killing it uncleaned.
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-    log.configure(
-        config.log_format,
-        config.log_level,
-        destination=destination,
-        on_blocked=config.on_log_blocked,
-        identity={"role": "master"},
-    )
+    _configure_master_log(config, destination)
     for path in stale:
         log.get(role="master").info("stale socket replaced", socket=path)
     set_title(f"master [{config.source}]")  # before the pidfile names this process
@@ -248,12 +242,8 @@ def _log_destination(config: Config) -> sink.Sink:
     return sink.for_descriptor(2)
 
 
-def _resume(config: Config, argv: list[str], resumed: dict[str, Any]) -> int:
-    """The program an upgrade started: same pid, already detached, sockets open."""
-    # The log file the old program wrote to (even if logrotate moved it meanwhile: the
-    # next SIGUSR1 reopens), else stderr or syslog set up as at start.
-    fd = resumed["log_fd"]
-    destination = sink.for_file(fd) if fd is not None else _log_destination(config)
+def _configure_master_log(config: Config, destination: sink.Sink) -> None:
+    """The master's log as the configuration says, to `destination`."""
     log.configure(
         config.log_format,
         config.log_level,
@@ -261,6 +251,15 @@ def _resume(config: Config, argv: list[str], resumed: dict[str, Any]) -> int:
         on_blocked=config.on_log_blocked,
         identity={"role": "master"},
     )
+
+
+def _resume(config: Config, argv: list[str], resumed: dict[str, Any]) -> int:
+    """The program an upgrade started: same pid, already detached, sockets open."""
+    # The log file the old program wrote to (even if logrotate moved it meanwhile: the
+    # next SIGUSR1 reopens), else stderr or syslog set up as at start.
+    fd = resumed["log_fd"]
+    destination = sink.for_file(fd) if fd is not None else _log_destination(config)
+    _configure_master_log(config, destination)
     set_title(f"master [{config.source}]")
     written = None if config.pidfile is None else _write_pidfile(config.pidfile)
     try:
