@@ -129,7 +129,7 @@ _ZERO_HEADER = bytes(HEADER_SIZE)
 # (recovery.received_unrecorded). 0xF7 is never a request code's byte, never a byte of
 # UTF-8, and rare as the last byte of an integer.
 FILL = 0xF7
-_FILLED_PAYLOAD = bytes([FILL]) * (BUFFER_SIZE - HEADER_SIZE)
+FILLED_PAYLOAD = bytes([FILL]) * (BUFFER_SIZE - HEADER_SIZE)
 
 
 class Slot:
@@ -179,7 +179,7 @@ class Slot:
     def clear_request(self) -> None:
         """Nothing received: a zero header, then FILL (the worker keeps it so)."""
         self.request[:HEADER_SIZE] = _ZERO_HEADER
-        self.request[HEADER_SIZE:] = _FILLED_PAYLOAD
+        self.request[HEADER_SIZE:] = FILLED_PAYLOAD
 
     def header(self) -> tuple[int, int]:
         """(code, size) of the request header in the buffer (zeros when cleared)."""

@@ -85,6 +85,14 @@ def test_received_but_unrecorded_request_goes_on_whole_when_the_buffer_proves_it
         assert verdict.outcome == "received request handed on"
     guest.send(b"more")  # the guest's next bytes, still in the socket, change nothing
     assert recovery.judge(journal, server).prefix == whole
+    # Unrecorded bytes that start with what they overwrote are seen by those after them:
+    # a path of 247 bytes, whose length field starts with the fill byte.
+    long_path = lstat_request("/" + "p" * (slot.FILL - 1))
+    assert long_path[p.HEADER_SIZE] == slot.FILL
+    put(journal, slot.RECEIVING, long_path, have=p.HEADER_SIZE)
+    verdict = recovery.judge(journal, server)
+    assert (verdict.outcome, verdict.prefix) == ("received request handed on", long_path)
+    assert recovery.stuck(journal, server) == recovery.UNRESPONSIVE  # for the watchdog too
 
 
 def test_received_but_unrecorded_part_of_a_request_closes_the_connection(journal, pair) -> None:
