@@ -16,6 +16,10 @@ from typing import Any
 
 from tests.proxyclient import CHECKOUT, ProxyClient
 
+# The master holds, per worker, its channel and its journal memfd, which Python's mmap
+# duplicates (proxyd/slot.py): three descriptors that come and go with the worker.
+FDS_PER_WORKER = 3
+
 
 def toml_value(value: Any) -> str:
     if isinstance(value, bool):
@@ -166,6 +170,16 @@ class Daemon:
 
     def workers(self) -> list[int]:
         return children(self.proc.pid)
+
+    def master_fds_besides_workers(self) -> int:
+        """The master's descriptors other than its workers' (FDS_PER_WORKER each): what
+        a forgotten connection, channel or journal would grow. Read while the pool holds
+        still (a worker may be spawned or retired at any time)."""
+        while True:
+            before = self.workers()
+            count = len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+            if self.workers() == before:
+                return count - FDS_PER_WORKER * len(before)
 
     def worker_titles(self) -> dict[int, str]:
         return {pid: title(pid) for pid in self.workers()}

@@ -189,9 +189,12 @@ def test_interpreted_decoders_answer_as_the_compiled_ones() -> None:
         assert proxyd.protocol.encode_stat(values) == source.encode_stat(values)
 
 
-def serve_in_child(server_class: type, export: Path) -> tuple[socket.socket, int]:
-    """A child chrooted into `export` serving one connection with `server_class`:
-    the client's end of the connection and the child's pid."""
+def serve_in_child(
+    server_class: type, export: Path, *args: Any, **kwargs: Any
+) -> tuple[socket.socket, int]:
+    """A child chrooted into `export` serving one connection with
+    `server_class(ops, logger, *args, **kwargs)`: the client's end of the connection
+    and the child's pid."""
     ours, theirs = socket.socketpair()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
@@ -203,7 +206,7 @@ def serve_in_child(server_class: type, export: Path) -> tuple[socket.socket, int
             os.chroot(export)
             os.chdir("/")
             ops = proxyd.ops.ExportOps(privileges.Credentials(), False)
-            server_class(ops, log.get(role="worker"), audit="all").serve(theirs)
+            server_class(ops, log.get(role="worker"), *args, **kwargs).serve(theirs)
             code = 0
         finally:
             os._exit(code)
@@ -238,7 +241,7 @@ def test_interpreted_server_answers_as_the_compiled_one(tmp_path: Path) -> None:
     after_split = [lstat[5:], HEADER.pack(99, 0)]  # an unknown code closes the connection
     replies = []
     for server_class in (proxyd.server.Server, interpreted(proxyd.server).Server):
-        sock, pid = serve_in_child(server_class, export)
+        sock, pid = serve_in_child(server_class, export, audit="all")
         sock.settimeout(10)
         sock.sendall(b"".join(before_split))
         # The first piece is taken before the second is sent.

@@ -480,13 +480,6 @@ def settled(d: Daemon) -> bool:
     return len(titles) >= MIN_IDLE and all(t.endswith(" idle") for t in titles)
 
 
-def master_fds_beside_workers(d: Daemon) -> int:
-    """The master's descriptors other than the three it holds per worker (its channel,
-    its journal's memfd and the duplicate Python's mmap keeps of it): what a forgotten
-    connection, channel or journal would grow."""
-    return len(fd_targets(d.proc.pid)) - 3 * len(d.workers())
-
-
 def rss_kib(pid: int) -> dict[str, int]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -798,7 +791,7 @@ def test_chaos_kills_busy_workers_under_load(tmp_path: Path) -> None:
     try:
         warm_up(d)
         fds_before = fd_targets(d.proc.pid)
-        baseline = master_fds_beside_workers(d)
+        baseline = d.master_fds_besides_workers()
         reports, killer = run_clients(d, watchdog, seed, deadline)
         after = after_the_run(d, baseline, deadline)
     finally:
@@ -857,13 +850,13 @@ def after_the_run(d: Daemon, fds_baseline: int, deadline: float) -> dict[str, An
     pid = d.proc.pid
     with contextlib.suppress(AssertionError):  # failures() reports the descriptors
         wait_until(
-            lambda: settled(d) and master_fds_beside_workers(d) <= fds_baseline,
+            lambda: settled(d) and d.master_fds_besides_workers() <= fds_baseline,
             max(1.0, min(10.0, deadline + 5 - time.monotonic())),
             "the pool and the master's descriptors to settle",
         )
     return {
         "fds": fd_targets(pid),
-        "fds_beside_workers": master_fds_beside_workers(d),
+        "fds_beside_workers": d.master_fds_besides_workers(),
         "rss": {"master": rss_kib(pid), "workers": [rss_kib(w) for w in d.workers()]},
     }
 

@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import proxyd.ops
 import proxyd.server
-from proxyd import log, metrics, privileges, sink, slot
+from proxyd import metrics, slot
 from tests.daemon import (
     SYS_RECVFROM,
     SYS_TRUNCATE,
@@ -47,7 +47,7 @@ from tests.proxyclient import (
     errno_of,
     marshal,
 )
-from tests.test_build import interpreted
+from tests.test_build import interpreted, serve_in_child
 
 PROMETHEUS = "/usr/bin/prometheus"
 PROMTOOL = "/usr/bin/promtool"
@@ -658,31 +658,6 @@ def test_slow_and_hostile_scrapers_cost_only_themselves(tmp_path: Path) -> None:
 # --- one source, two runs: the serving loop interpreted counts as compiled ------------------------
 
 
-def serve_counting(
-    server_class: type, export: Path, journal: slot.Slot
-) -> tuple[socket.socket, int]:
-    """A child chrooted into `export` serving one connection with `server_class`,
-    counting into `journal`: the client's end and the child's pid."""
-    ours, theirs = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            ours.close()
-            log.configure(
-                "json", "warning", destination=sink.for_file(os.open("/dev/null", os.O_WRONLY))
-            )
-            os.chroot(export)
-            os.chdir("/")
-            ops = proxyd.ops.ExportOps(privileges.Credentials(), False)
-            server_class(ops, log.get(role="worker"), journal, metrics=True).serve(theirs)
-            code = 0
-        finally:
-            os._exit(code)
-    theirs.close()
-    return ours, pid
-
-
 def test_interpreted_loop_counts_as_the_compiled_one(tmp_path: Path) -> None:
     export = tmp_path / "export"
     export.mkdir()
@@ -691,7 +666,7 @@ def test_interpreted_loop_counts_as_the_compiled_one(tmp_path: Path) -> None:
     areas = []
     for server_class in (proxyd.server.Server, interpreted(proxyd.server).Server):
         journal = slot.Slot()
-        sock, pid = serve_counting(server_class, export, journal)
+        sock, pid = serve_in_child(server_class, export, journal, metrics=True)
         c = ProxyClient(sock)
         tally = Tally()
         for _ in range(5):

@@ -210,21 +210,6 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-# The master holds, per worker, its channel and its journal memfd, which Python's mmap
-# duplicates (proxyd/slot.py): three descriptors that come and go with the worker.
-FDS_PER_WORKER = 3
-
-
-def fds_besides_workers(d: Daemon) -> int:
-    """The master's descriptors minus those of its current workers, read when the pool
-    did not change in between (a worker may be spawned or retired at any time)."""
-    while True:
-        before = d.workers()
-        count = fd_count(d.proc.pid)
-        if d.workers() == before:
-            return count - FDS_PER_WORKER * len(before)
-
-
 def blocked_in_send(pid: int) -> bool:
     return "send" in Path(f"/proc/{pid}/wchan").read_text()
 
@@ -842,7 +827,7 @@ def test_master_descriptors_and_memory_stay_flat_over_many_connections(tmp_path:
         warm = 100
         connections(warm)
         settled(warm)
-        fds, mem = fds_besides_workers(d), memory_kb(master)
+        fds, mem = d.master_fds_besides_workers(), memory_kb(master)
         started = time.monotonic()
         connections(MANY_CONNECTIONS)
         done = MANY_CONNECTIONS
@@ -853,11 +838,11 @@ def test_master_descriptors_and_memory_stay_flat_over_many_connections(tmp_path:
         spawned = len(d.events("worker spawned"))
         print(
             f"\n{done} connections in {elapsed:.1f} s ({done / elapsed:.0f}/s), {spawned} workers"
-            f" spawned; master fds {fds} -> {fds_besides_workers(d)}, memory {mem} ->"
+            f" spawned; master fds {fds} -> {d.master_fds_besides_workers()}, memory {mem} ->"
             f" {memory_kb(master)} kB"
         )
         write_coverage("many-connections", f"{done} connections", connections=done)
-        assert fds_besides_workers(d) == fds
+        assert d.master_fds_besides_workers() == fds
         assert memory_kb(master)["VmRSS"] - mem["VmRSS"] < 2048
         assert not crashes(LogTail(d.log_path).new())
 
