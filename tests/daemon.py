@@ -101,16 +101,7 @@ class Daemon:
     ) -> None:
         """`daemon` are [daemon] keys; `nofile` sets RLIMIT_NOFILE (soft and hard);
         `command` runs another proxyd program than this checkout's."""
-        self.tmp = tmp
-        self.exports = {}
-        for export in exports:
-            export.setdefault("path", str(tmp / export["name"]))
-            export.setdefault("socket", str(tmp / f"{export['name']}.sock"))
-            Path(export["path"]).mkdir(exist_ok=True)
-            self.exports[export["name"]] = export
-        daemon.setdefault("stop_timeout", 3.0)
-        self.daemon_settings = daemon
-        self.config = write_config(tmp / "proxyd.toml", daemon, exports)
+        self._configure(tmp, exports, daemon)
         self.stderr_path = tmp / "proxyd.stderr"
         # Events are read from the log file when one is configured, else from stderr.
         self.log_path = Path(daemon["log_file"]) if "log_file" in daemon else self.stderr_path
@@ -126,12 +117,30 @@ class Daemon:
             else None,
         )
         try:
-            for export in exports:
-                if export.get("min_idle", 1) > 0:
-                    self.wait_event("worker spawned", export=export["name"])
+            self._wait_started()
         except BaseException:
             self.stop()
             raise
+
+    def _configure(self, tmp: Path, exports: list[dict[str, Any]], daemon: dict[str, Any]) -> None:
+        """Each export's directory and socket path in `tmp` (unless given), and the
+        configuration file."""
+        self.tmp = tmp
+        self.exports = {}
+        for export in exports:
+            export.setdefault("path", str(tmp / export["name"]))
+            export.setdefault("socket", str(tmp / f"{export['name']}.sock"))
+            Path(export["path"]).mkdir(exist_ok=True)
+            self.exports[export["name"]] = export
+        daemon.setdefault("stop_timeout", 3.0)
+        self.daemon_settings = daemon
+        self.config = write_config(tmp / "proxyd.toml", daemon, exports)
+
+    def _wait_started(self) -> None:
+        """Until every export with spare workers has one spawned."""
+        for export in self.exports.values():
+            if export.get("min_idle", 1) > 0:
+                self.wait_event("worker spawned", export=export["name"])
 
     # --- logs ---
 

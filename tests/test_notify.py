@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from proxyd.recovery import SIOCOUTQ, queued
-from tests.daemon import SYS_RECVFROM, Daemon, children, wait_in_syscall, wait_until, write_config
+from tests.daemon import SYS_RECVFROM, Daemon, children, wait_in_syscall, wait_until
 from tests.proxyclient import CHECKOUT, HEADER, MKDIR, marshal
 
 BIN = Path(sys.executable).parent / "proxyd"
@@ -170,16 +170,7 @@ class NotifiedDaemon(Daemon):
         wait: bool = True,
         **daemon: Any,
     ) -> None:
-        self.tmp = tmp
-        self.exports = {}
-        for export in exports:
-            export.setdefault("path", str(tmp / export["name"]))
-            export.setdefault("socket", str(tmp / f"{export['name']}.sock"))
-            Path(export["path"]).mkdir(exist_ok=True)
-            self.exports[export["name"]] = export
-        daemon.setdefault("stop_timeout", 3.0)
-        self.daemon_settings = daemon
-        self.config = write_config(tmp / "proxyd.toml", daemon, exports)
+        self._configure(tmp, exports, daemon)
         self.stderr_path = self.log_path = tmp / f"proxyd.{len(list(tmp.glob('proxyd.*.log')))}.log"
         self._log = open(self.stderr_path, "wb")  # noqa: SIM115
         environment = dict(os.environ, **env)
@@ -203,9 +194,7 @@ class NotifiedDaemon(Daemon):
             stderr=self._log,
         )
         if wait:
-            for export in exports:
-                if export.get("min_idle", 1) > 0:
-                    self.wait_event("worker spawned", export=export["name"])
+            self._wait_started()
 
 
 def statuses(messages: list[Message]) -> list[str]:
