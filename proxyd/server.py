@@ -24,6 +24,7 @@ import cython
 
 from proxyd import log, slot
 from proxyd import protocol as p
+from proxyd.log import audit_written  # (Server's `log` is its logger)
 from proxyd.ops import ExportOps, SpecialFileRefused
 from proxyd.privileges import IdMap, map_id
 from proxyd.slot import Slot
@@ -360,7 +361,8 @@ class Server:
         self._stall_wakeups = max(1, round(request_timeout / WAKE_INTERVAL))
         seconds = int(request_timeout)
         self._send_timeval = struct.pack("@ll", seconds, int((request_timeout - seconds) * 1e6))
-        self._audited = audited_codes(audit)
+        # A level above info writes no audit event: none is built.
+        self._audited = audited_codes(audit if audit_written() else "none")
         self._readonly = readonly
         self._on_command = on_command or (lambda: None)
         self._on_log_reopen = on_log_reopen or (lambda: None)
@@ -579,10 +581,7 @@ class Server:
         fields["result"] = log.result_name(err)
         if started:
             fields["dur_us"] = ((ended or time.monotonic_ns()) - started) // 1000
-        if refusal:
-            self._log.warning("op", refused=refusal, **fields)
-        else:
-            self._log.info("op", **fields)
+        log.op(self._log, fields, refusal)
 
     def _errno_of(self, code: int, e: Exception) -> int:
         if isinstance(e, OSError) and e.errno:

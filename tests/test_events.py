@@ -16,8 +16,12 @@ import threading
 import unicodedata
 from pathlib import Path
 
+import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from proxyd import log
 from tests.daemon import Daemon, wait_until
 from tests.proxyclient import CHECKOUT, OP_NAMES, ProxyClient, errno_of
 
@@ -124,9 +128,9 @@ def test_every_emitted_event_is_documented() -> None:
 class Served:
     """proxyd -f on a socketpair with a chosen audit level; its log lines parsed."""
 
-    def __init__(self, export: Path, audit: str) -> None:
+    def __init__(self, export: Path, audit: str, log_level: str = "info") -> None:
         ours, theirs = socket.socketpair()
-        self.log_path = export.parent / f"log-{audit}"
+        self.log_path = export.parent / f"log-{audit}-{log_level}"
         with open(self.log_path, "wb") as log_file:
             self.proc = subprocess.Popen(
                 [
@@ -140,6 +144,8 @@ class Served:
                     str(theirs.fileno()),
                     "--audit",
                     audit,
+                    "--log-level",
+                    log_level,
                 ],
                 cwd=CHECKOUT,
                 pass_fds=[theirs.fileno()],
@@ -274,6 +280,69 @@ def test_security_refusals_are_warnings_at_every_level(tmp_path: Path) -> None:
     (event,) = [e for e in served.finish() if e["event"] == "op"]
     assert event["level"] == "warning" and event["refused"] == "special file (fifo)"
     assert event["result"] == "ENXIO" and event["path"] == "/fifo"
+
+
+def test_a_level_above_info_writes_no_audit_event_but_every_refusal(tmp_path: Path) -> None:
+    """At log level warning the `op` events (info) are neither written nor built, at
+    any audit level; a security refusal is a warning and still is."""
+    export = tmp_path / "export"
+    export.mkdir()
+    os.mkfifo(export / "fifo")
+    served = Served(export, "all", log_level="warning")
+    one_of_each(served.client, export)
+    assert errno_of(served.client.open("/fifo", os.O_RDONLY)) == errno.ENXIO
+    ops = [e for e in served.finish() if e["event"] == "op"]
+    assert [(e["level"], e["path"], e["refused"]) for e in ops] == [
+        ("warning", "/fifo", "special file (fifo)")
+    ]
+
+
+_VALUES = st.one_of(
+    st.text(),
+    st.integers(),  # beyond 64 bits too: plain json writes those
+    st.none(),
+    st.floats(allow_nan=False),
+    st.lists(st.text(), max_size=3),
+)
+
+
+@given(st.dictionaries(st.from_regex(r"[a-z_]{1,12}", fullmatch=True), _VALUES, max_size=8))
+def test_a_line_rendered_at_once_is_the_line_cleaned_first(event: dict) -> None:
+    """log.py renders a JSON line first and cleans its strings only when the line shows
+    one may need it: whatever the strings hold, the line is the one cleaning first gives."""
+    cleaned = log._clean_event(dict(event))
+    try:
+        long_way = orjson.dumps(cleaned)
+    except TypeError:
+        long_way = json.dumps(cleaned).encode()
+    assert log._serialize(dict(event)) == long_way
+
+
+_OP_LINES = """
+import os, sys
+from proxyd import log, sink
+log.configure("json", "info", destination=sink.for_file(os.open(sys.argv[1], os.O_WRONLY)))
+logger = log.get(role="worker", export="e", worker=0).bind(conn=1, peer_pid=2)
+fields = {"op": "chmod", "path": "/a\\u202e\\x1b", "mode": "0o644", "result": "ok", "dur_us": 7}
+log.op(logger, fields)
+logger.info("op", **fields)
+log.op(logger, fields, refused="special file (fifo)")
+logger.warning("op", refused="special file (fifo)", **fields)
+"""
+
+
+def test_the_audit_event_is_the_line_structlog_writes(tmp_path: Path) -> None:
+    """log.op, the audit event's shorter way, writes what the logger's own call writes."""
+    out = tmp_path / "log"
+    out.touch()
+    subprocess.run([sys.executable, "-c", _OP_LINES, str(out)], cwd=CHECKOUT, check=True)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 4
+    for line in lines:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", line.pop("timestamp"))
+    assert lines[0] == lines[1] and lines[2] == lines[3]
+    assert lines[0]["path"] == "/a\\u202e\\x1b" and lines[2]["level"] == "warning"
+    assert list(lines[2]) == list(lines[3])  # the same fields in the same order
 
 
 def test_huge_fields_are_cut_to_fit_a_pipe_write(tmp_path: Path) -> None:
