@@ -37,3 +37,25 @@ cdef extern from "<sys/socket.h>":
 
 cdef extern from "<sys/xattr.h>":
     ssize_t lgetxattr(const char *, const char *, void *, size_t)
+    ssize_t llistxattr(const char *, char *, size_t)
+    int lsetxattr(const char *, const char *, const void *, size_t, int)
+    int lremovexattr(const char *, const char *)
+
+cdef extern from "<unistd.h>":
+    int linkat(int, const char *, int, const char *, int)
+
+cdef extern from "<sys/vfs.h>":
+    ctypedef struct fsid_t:
+        pass
+    struct statfs:
+        long f_type
+        long f_bsize
+        unsigned long f_blocks
+        unsigned long f_bfree
+        unsigned long f_bavail
+        unsigned long f_files
+        unsigned long f_ffree
+        fsid_t f_fsid
+        long f_namelen
+        long f_frsize
+    int c_statfs "statfs"(const char *, statfs *)

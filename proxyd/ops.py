@@ -27,15 +27,30 @@ from typing import Any
 import cython
 
 if cython.compiled:
-    from cython.cimports.libc.errno import EINTR
+    from cython.cimports.libc.errno import EINTR, EISDIR
     from cython.cimports.libc.errno import errno as c_errno
+    from cython.cimports.libc.stdio import rename as c_rename
+    from cython.cimports.libc.string import memcpy
     from cython.cimports.posix.fcntl import open as c_open
+    from cython.cimports.posix.stat import chmod as c_chmod
     from cython.cimports.posix.stat import fstat as c_fstat
     from cython.cimports.posix.stat import lstat as c_lstat
+    from cython.cimports.posix.stat import mkdir as c_mkdir
+    from cython.cimports.posix.stat import mknod as c_mknod
     from cython.cimports.posix.stat import stat as c_stat
-    from cython.cimports.posix.stat import struct_stat
+    from cython.cimports.posix.stat import struct_stat, utimensat
+    from cython.cimports.posix.time import timespec
+    from cython.cimports.posix.unistd import lchown as c_lchown
     from cython.cimports.posix.unistd import readlink as c_readlink
+    from cython.cimports.posix.unistd import rmdir as c_rmdir
+    from cython.cimports.posix.unistd import symlink as c_symlink
+    from cython.cimports.posix.unistd import truncate as c_truncate
+    from cython.cimports.posix.unistd import unlink as c_unlink
+    from cython.cimports.proxyd._libc import c_statfs, linkat, statfs
     from cython.cimports.proxyd._libc import lgetxattr as c_lgetxattr
+    from cython.cimports.proxyd._libc import llistxattr as c_llistxattr
+    from cython.cimports.proxyd._libc import lremovexattr as c_lremovexattr
+    from cython.cimports.proxyd._libc import lsetxattr as c_lsetxattr
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -153,6 +168,14 @@ def _raise_oserror(err: cython.int, path: bytes | None) -> cython.int:
 
 
 @cython.cfunc
+def _check(ret: cython.int, path: bytes) -> cython.int:
+    """A libc call's return: -1 raises OSError with its errno, as os's wrapper would."""
+    if ret != 0:
+        _raise_oserror(c_errno, path)
+    return 0
+
+
+@cython.cfunc
 def _stat_mode(path: bytes, follow: cython.bint) -> cython.uint:
     """st_mode of stat(2), or of lstat(2) when not `follow`. Raises OSError."""
     if cython.compiled:
@@ -248,6 +271,24 @@ def _raise_errno(path: bytes) -> None:
 
 def statfs_fields(path: bytes) -> tuple[int, ...]:
     """statfs(2) as the reference reports it: 11 fields, fsid words sign-extended."""
+    if cython.compiled:
+        st = cython.declare(statfs)
+        fsid = cython.declare(cython.int[2])
+        _check(c_statfs(path, cython.address(st)), path)
+        memcpy(fsid, cython.address(st.f_fsid), 8)
+        return (
+            st.f_type,
+            st.f_bsize,
+            st.f_blocks,
+            st.f_bfree,
+            st.f_bavail,
+            st.f_files,
+            st.f_ffree,
+            fsid[0],
+            fsid[1],
+            st.f_namelen,
+            st.f_frsize,
+        )
     buf = _Statfs()
     if _libc.statfs(path, ctypes.byref(buf)) != 0:
         _raise_errno(path)
@@ -348,20 +389,35 @@ class ExportOps:
 
     def mknod(self, uid: int, gid: int, path: bytes, mode: int, rdev: int) -> None:
         with self._creds.as_user(uid, gid):
-            os.mknod(path, mode, rdev & _U64)
+            if cython.compiled:
+                m: cython.int = mode
+                _check(c_mknod(path, m, rdev & _U64), path)
+            else:
+                os.mknod(path, mode, rdev & _U64)
 
     def mkdir(self, uid: int, gid: int, path: bytes, mode: int) -> None:
         with self._creds.as_user(uid, gid):
-            os.mkdir(path, mode)
+            if cython.compiled:
+                m: cython.int = mode
+                _check(c_mkdir(path, m), path)
+            else:
+                os.mkdir(path, mode)
 
     def symlink(self, uid: int, gid: int, target: bytes, linkpath: bytes) -> None:
         with self._creds.as_user(uid, gid):
-            os.symlink(target, linkpath)
+            if cython.compiled:
+                _check(c_symlink(target, linkpath), target)
+            else:
+                os.symlink(target, linkpath)
 
     # --- everything else, as root inside the export ---------------------------------
 
     def link(self, oldpath: bytes, newpath: bytes) -> None:
-        os.link(oldpath, newpath, follow_symlinks=False)  # link(2) does not follow
+        """linkat(2) with no flags: a symlink is linked, not followed (link(2) as well)."""
+        if cython.compiled:
+            _check(linkat(AT_FDCWD, oldpath, AT_FDCWD, newpath, 0), oldpath)
+            return
+        os.link(oldpath, newpath, follow_symlinks=False)
 
     def lstat(self, path: bytes) -> tuple:
         """lstat(2) as the reference reports it: st_dev, st_ino, st_nlink, st_mode,
@@ -423,18 +479,34 @@ class ExportOps:
         return statfs_fields(path)
 
     def chmod(self, path: bytes, mode: int) -> None:
+        if cython.compiled:
+            m: cython.int = mode
+            _check(c_chmod(path, m), path)
+            return
         os.chmod(path, mode)
 
     def chown(self, path: bytes, uid: int, gid: int) -> None:
+        if cython.compiled:  # -1 ("unchanged") as the kernel takes it: (uid_t) -1
+            _check(c_lchown(path, _uid(uid) & 0xFFFFFFFF, _uid(gid) & 0xFFFFFFFF), path)
+            return
         os.lchown(path, _uid(uid), _uid(gid))
 
     def truncate(self, path: bytes, length: int) -> None:
+        if cython.compiled:
+            _check(c_truncate(path, length), path)
+            return
         os.truncate(path, length)
 
     def utime(
         self, path: bytes, atime_sec: int, atime_nsec: int, mtime_sec: int, mtime_nsec: int
     ) -> None:
         """utimensat(AT_SYMLINK_NOFOLLOW); UTIME_NOW / UTIME_OMIT pass through."""
+        if cython.compiled:
+            ts = cython.declare(timespec[2])
+            ts[0].tv_sec, ts[0].tv_nsec = atime_sec, atime_nsec
+            ts[1].tv_sec, ts[1].tv_nsec = mtime_sec, mtime_nsec
+            _check(utimensat(AT_FDCWD, path, ts, AT_SYMLINK_NOFOLLOW), path)
+            return
         times = self._times
         times[0].tv_sec, times[0].tv_nsec = atime_sec, atime_nsec
         times[1].tv_sec, times[1].tv_nsec = mtime_sec, mtime_nsec
@@ -442,10 +514,19 @@ class ExportOps:
             _raise_errno(path)
 
     def rename(self, oldpath: bytes, newpath: bytes) -> None:
+        if cython.compiled:
+            _check(c_rename(oldpath, newpath), oldpath)
+            return
         os.rename(oldpath, newpath)
 
     def remove(self, path: bytes) -> None:
         """remove(3): unlink, or rmdir for a directory."""
+        if cython.compiled:
+            if c_unlink(path) != 0:
+                if c_errno != EISDIR:
+                    _raise_oserror(c_errno, path)
+                _check(c_rmdir(path), path)
+            return
         try:
             os.unlink(path)
         except IsADirectoryError:
@@ -466,7 +547,14 @@ class ExportOps:
         """The NUL-separated name list, or with size 0 its length."""
         if size < 0:
             raise OSError(errno.EINVAL, "negative buffer size", path)
-        names = b"".join(os.fsencode(n) + b"\0" for n in os.listxattr(path, follow_symlinks=False))
+        if cython.compiled:  # the kernel's list as it is: each name and its NUL
+            n = c_llistxattr(path, _xattr_value, _XATTR_SIZE_MAX)
+            if n < 0:
+                _raise_oserror(c_errno, path)
+            names = _xattr_value[:n]
+        else:
+            listed = os.listxattr(path, follow_symlinks=False)
+            names = b"".join(os.fsencode(name) + b"\0" for name in listed)
         if size == 0:
             return len(names)
         if len(names) > size:
@@ -477,9 +565,16 @@ class ExportOps:
         if size != len(value):
             # The reference would read `size` bytes from a buffer of len(value).
             raise OSError(errno.EINVAL, "size field disagrees with the value", path)
+        if cython.compiled:
+            f: cython.int = flags
+            _check(c_lsetxattr(path, name, cython.cast(cython.p_char, value), size, f), path)
+            return
         os.setxattr(path, name, value, flags, follow_symlinks=False)
 
     def lremovexattr(self, path: bytes, name: bytes) -> None:
+        if cython.compiled:
+            _check(c_lremovexattr(path, name), path)
+            return
         os.removexattr(path, name, follow_symlinks=False)
 
     # --- generation --------------------------------------------------------------------

@@ -9,6 +9,7 @@ import importlib.util
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -170,6 +171,98 @@ def test_interpreted_ops_answer_as_the_compiled_ones(tmp_path: Path) -> None:
         compiled, source = (outcome(getattr(ops, name), *args) for ops in both)
         assert compiled == source, (name, args)
     assert outcome(both[0].lstat, paths[0])[12:14] == (-1, 999_999_999)
+
+
+def twin_tree(root: Path) -> list[bytes]:
+    """A file (with an xattr), a directory (with a file), a symlink, a FIFO under `root`;
+    the paths the cases below use, "missing" and a long name included."""
+    root.mkdir()
+    (root / "file").write_bytes(b"x" * 10)
+    os.setxattr(root / "file", "user.tag", b"value")
+    (root / "dir").mkdir()
+    (root / "dir" / "inner").touch()
+    (root / "link").symlink_to("file")
+    os.mkfifo(root / "fifo")
+    names = ("file", "dir", "link", "fifo", "missing", "dir/inner", "x" * 300)
+    return [bytes(root / name) for name in names]
+
+
+def state(root: Path) -> list[tuple]:
+    """What the tree holds: each name's type, mode, owner, size, link count, xattrs, and
+    but for directories (changed at the time of each entry's change) the modification
+    time."""
+    out = []
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        mtime = None if stat.S_ISDIR(st.st_mode) else st.st_mtime_ns
+        xattrs = tuple(sorted(os.listxattr(path, follow_symlinks=False)))
+        out.append((path.relative_to(root), st.st_mode, st.st_uid, st.st_gid, st.st_size))
+        out.append((st.st_nlink, mtime, xattrs))
+    return out
+
+
+def test_interpreted_changes_answer_as_the_compiled_ones(tmp_path: Path) -> None:
+    """Every request that changes the export, ops.py compiled (libc) and interpreted
+    (os, ctypes) on two identical trees: the same answers, the same trees after."""
+    roots = (tmp_path / "compiled", tmp_path / "interpreted")
+    trees = [twin_tree(root) for root in roots]
+    creds = privileges.Credentials()  # creations as uid 0, gid 0: this process's own
+    both = (proxyd.ops.ExportOps(creds, False), interpreted(proxyd.ops).ExportOps(creds, False))
+
+    def cases(p: list[bytes], root: bytes) -> list[tuple[str, tuple]]:
+        file, dir_, link, fifo, missing, inner, long = p
+        out: list[tuple[str, tuple]] = []
+        for path in p:
+            out += [("chmod", (path, mode)) for mode in (0o640, 0o4755, -1)]
+            out += [("chown", (path, uid, gid)) for uid, gid in ((1000, -1), (-1, 7), (5, 5))]
+            out += [("truncate", (path, n)) for n in (3, 0, -1, 2**40)]
+            out.append(("utime", (path, 0, (1 << 30) - 2, 0, (1 << 30) - 1)))  # OMIT, NOW
+            out.append(("utime", (path, 1, 2, -5, 999_999_999)))
+            out.append(("utime", (path, 0, 10**9, 0, 0)))  # nanoseconds out of range
+            out += [("lsetxattr", (path, b"user.k", b"v\0w", 3, flags)) for flags in (0, 1, 2)]
+            out.append(("llistxattr", (0, path)))
+            out.append(("llistxattr", (4, path)))
+            out.append(("llistxattr", (256, path)))
+            out.append(("lremovexattr", (path, b"user.tag")))
+            out.append(("lremovexattr", (path, b"user.none")))
+        out += [
+            ("mkdir", (0, 0, root + b"/new", 0o750)),
+            ("mkdir", (0, 0, dir_, 0o750)),
+            ("mkdir", (0, 0, missing + b"/below", 0o750)),
+            ("mknod", (0, 0, root + b"/node", 0o100600, 0)),
+            ("mknod", (0, 0, root + b"/fifo2", 0o010644, 2**64 - 1)),
+            ("mknod", (0, 0, file, 0o100600, 0)),
+            ("symlink", (0, 0, b"file", root + b"/l2")),
+            ("symlink", (0, 0, b"file", link)),
+            ("link", (link, root + b"/hard")),
+            ("link", (missing, root + b"/hard2")),
+            ("link", (dir_, root + b"/hard3")),
+            ("rename", (file, root + b"/moved")),
+            ("rename", (missing, root + b"/moved2")),
+            ("rename", (dir_, inner)),
+            ("remove", (root + b"/moved",)),
+            ("remove", (inner,)),
+            ("remove", (dir_,)),
+            ("remove", (missing,)),
+            ("remove", (long,)),
+        ]
+        return out
+
+    steady = (0, 1, 2, 5, 7, 8, 9, 10)  # statfs but its free counts, which move meanwhile
+    for path in trees[0]:
+        compiled, source = (outcome(ops.statfs, path) for ops in both)
+        if isinstance(compiled, tuple) and len(compiled) == 11:
+            compiled, source = ([fields[i] for i in steady] for fields in (compiled, source))
+        assert compiled == source, path
+    answers = []
+    for ops, paths, root in zip(both, trees, roots, strict=True):
+        answers.append(
+            [(name, outcome(getattr(ops, name), *args)) for name, args in cases(paths, bytes(root))]
+        )
+    for case, (compiled, source) in enumerate(zip(*answers, strict=True)):
+        assert compiled == source, (case, cases(trees[0], bytes(roots[0]))[case])
+    assert state(roots[0]) == state(roots[1])
+    assert sum(answer[1] is None for answer in answers[0]) > 60  # most changes were made
 
 
 def test_interpreted_decoders_answer_as_the_compiled_ones() -> None:
