@@ -280,6 +280,15 @@ def test_interpreted_decoders_answer_as_the_compiled_ones() -> None:
         (2**64 - 1,) * 3 + (2**32 - 1,) * 3 + (2**64 - 1,) + (2**63 - 1,) * 3 + (-(2**63),) * 6,
     ):
         assert proxyd.protocol.encode_stat(values) == source.encode_stat(values)
+    for value in (0, 1, 2**31 - 1, -1, -(2**31)):  # a `d`
+        assert proxyd.protocol.encode_status(value) == source.encode_status(value), value
+    for err in (1, 2, 133, 2**31 - 1):
+        assert proxyd.protocol.encode_error(err) == source.encode_error(err), err
+    for n in (0, 1, 300, proxyd.protocol.MAX_PAYLOAD - 2, proxyd.protocol.MAX_PAYLOAD - 1):
+        value = bytes(range(256)) * (n // 256) + bytes(n % 256)
+        encoded = proxyd.protocol.encode_string_data(value)
+        assert encoded == source.encode_string_data(value), n
+        assert len(encoded) == (10 + n if n <= proxyd.protocol.MAX_PAYLOAD - 2 else 12), n
 
 
 def serve_in_child(
