@@ -152,12 +152,12 @@ def received_unrecorded(journal: Slot) -> bool:
     them is no longer what the worker left there (slot.Slot.clear_request). Only a recv
     that returned nothing but bytes equal to what they overwrote goes unseen; QEMU's
     requests start with a non-zero code, so its next request is always seen."""
-    have, buf = journal.fields[slot.HAVE], journal.request
+    have = journal.fields[slot.HAVE]
     start = max(have, p.HEADER_SIZE)
     # A copy and one compare: ~10 µs for the whole buffer (the watchdog asks often).
-    if bytes(buf[start:]) != slot.FILLED_PAYLOAD[start - p.HEADER_SIZE :]:
+    if journal.request_from(start) != slot.FILLED_PAYLOAD[start - p.HEADER_SIZE :]:
         return True
-    return have < p.HEADER_SIZE and any(buf[have : p.HEADER_SIZE])
+    return have < p.HEADER_SIZE and any(journal.request[have : p.HEADER_SIZE])
 
 
 def received_extent(journal: Slot) -> int:
