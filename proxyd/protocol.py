@@ -174,6 +174,16 @@ def _u16(buf: bytes, off: cython.Py_ssize_t) -> cython.Py_ssize_t:
 
 
 @cython.cfunc
+@cython.inline
+def _bytes_at(buf: bytes, off: cython.Py_ssize_t, n: cython.Py_ssize_t) -> bytes:
+    """buf[off:off + n] (the caller has checked that it is there): compiled, one copy,
+    no slice object."""
+    if cython.compiled:
+        return PyBytes_FromStringAndSize(PyBytes_AS_STRING(buf) + off, n)
+    return buf[off : off + n]
+
+
+@cython.cfunc
 def _need(buf: bytes, off: cython.Py_ssize_t, size: cython.Py_ssize_t) -> cython.int:
     if off + size > len(buf):
         raise MalformedRequest("payload too short for its request type")
@@ -189,7 +199,7 @@ def _string(buf: bytes, off: cython.Py_ssize_t) -> tuple:
     off += 2
     if off + n > end:
         raise MalformedRequest(f"string of {n} bytes runs past the payload")
-    return buf[off : off + n], off + n
+    return _bytes_at(buf, off, n), off + n
 
 
 @cython.cfunc
@@ -218,7 +228,7 @@ def decode_path(buf: bytes) -> tuple[bytes]:
     n: cython.Py_ssize_t = _u16(buf, 0)
     if n + 2 > len(buf):
         raise MalformedRequest(f"string of {n} bytes runs past the payload")
-    return (_checked_path(buf[2 : 2 + n]),)
+    return (_checked_path(_bytes_at(buf, 2, n)),)
 
 
 def decode_path_int(buf: bytes) -> tuple[bytes, int]:
