@@ -168,7 +168,7 @@ def _raise_oserror(err: cython.int, path: bytes | None) -> cython.int:
 
 
 @cython.cfunc
-def _check(ret: cython.int, path: bytes) -> cython.int:
+def _check(ret: cython.int, path: bytes | None) -> cython.int:
     """A libc call's return: -1 raises OSError with its errno, as os's wrapper would."""
     if ret != 0:
         _raise_oserror(c_errno, path)
@@ -181,8 +181,7 @@ def _stat_mode(path: bytes, follow: cython.bint) -> cython.uint:
     if cython.compiled:
         st = cython.declare(struct_stat)
         ret = c_stat(path, cython.address(st)) if follow else c_lstat(path, cython.address(st))
-        if ret != 0:
-            _raise_oserror(c_errno, path)
+        _check(ret, path)
         return st.st_mode
     return os.stat(path, follow_symlinks=follow).st_mode
 
@@ -192,8 +191,7 @@ def _fstat_mode(fd: cython.int) -> cython.uint:
     """st_mode of fstat(2) on `fd`. Raises OSError."""
     if cython.compiled:
         st = cython.declare(struct_stat)
-        if c_fstat(fd, cython.address(st)) != 0:
-            _raise_oserror(c_errno, None)
+        _check(c_fstat(fd, cython.address(st)), None)
         return st.st_mode
     return os.fstat(fd).st_mode
 
@@ -425,8 +423,7 @@ class ExportOps:
         nanoseconds) of st_atim, st_mtim, st_ctim."""
         if cython.compiled:
             st = cython.declare(struct_stat)
-            if c_lstat(path, cython.address(st)) != 0:
-                _raise_oserror(c_errno, path)
+            _check(c_lstat(path, cython.address(st)), path)
             return (
                 st.st_dev,
                 st.st_ino,

@@ -163,11 +163,10 @@ def received_unrecorded(journal: Slot) -> bool:
 def received_extent(journal: Slot) -> int:
     """How many bytes the buffer shows received: up to the last byte that is no longer
     what the worker left there."""
-    buf = journal.request
-    payload = bytes(buf[p.HEADER_SIZE :]).rstrip(bytes([slot.FILL]))
+    payload = journal.request_from(p.HEADER_SIZE).rstrip(bytes([slot.FILL]))
     if payload:
         return p.HEADER_SIZE + len(payload)
-    return len(bytes(buf[: p.HEADER_SIZE]).rstrip(b"\0"))
+    return len(bytes(journal.request[: p.HEADER_SIZE]).rstrip(b"\0"))
 
 
 def unrecorded_request(journal: Slot) -> bytes | None:

@@ -24,7 +24,6 @@ import cython
 
 from proxyd import log, slot
 from proxyd import protocol as p
-from proxyd.log import audit_written  # (Server's `log` is its logger)
 from proxyd.ops import ExportOps, SpecialFileRefused
 from proxyd.privileges import IdMap, map_id
 from proxyd.slot import Slot
@@ -361,8 +360,7 @@ class Server:
         self._stall_wakeups = max(1, round(request_timeout / WAKE_INTERVAL))
         seconds = int(request_timeout)
         self._send_timeval = struct.pack("@ll", seconds, int((request_timeout - seconds) * 1e6))
-        # A level above info writes no audit event: none is built.
-        self._audited = audited_codes(audit if audit_written() else "none")
+        self._audited = audited_codes(audit)
         self._readonly = readonly
         self._on_command = on_command or (lambda: None)
         self._on_log_reopen = on_log_reopen or (lambda: None)
@@ -626,8 +624,11 @@ def _open_writes(buf: cython.uchar[::1], size: cython.Py_ssize_t) -> cython.bint
 
 
 def audited_codes(audit: str) -> list[int]:
-    """Per request code: never, always, or (OPEN at "mutations") only when writing."""
+    """Per request code: never, always, or (OPEN at "mutations") only when writing.
+    Never at all where the log's level writes no `op` event (above info): none is built."""
     table = [AUDIT_NEVER] * (max(p.REQUESTS) + 1)
+    if not log.audit_written():
+        return table
     for code, request in p.REQUESTS.items():
         if audit == "all" or (audit == "mutations" and request.mutates):
             table[code] = AUDIT_ALWAYS
