@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import signal
 import socket
@@ -550,19 +551,33 @@ WORKER_SYSCALLS = (
 )
 
 
-def restrict_syscalls(mode: str = "kill") -> None:
-    """Only the system calls serving needs: anything else kills the worker ("kill"),
-    or is allowed and logged by the kernel ("log"). A new socket is refused quietly for
-    AF_UNIX (glibc's syslog reconnects after a syslogd restart) and kills otherwise."""
-    if mode == "off":
-        return
+class _SockFprog(ctypes.Structure):  # linux/filter.h
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+_SYS_SECCOMP = pyseccomp.resolve_syscall(pyseccomp.system_arch(), "seccomp")
+_SECCOMP_SET_MODE_FILTER = 1
+# Do not let the filter switch on the speculative-store-bypass mitigation for the whole
+# process: it slows all of a worker's code, and a worker runs no untrusted code.
+_SECCOMP_FILTER_FLAG_SPEC_ALLOW = 1 << 2
+_SOCK_FILTER_SIZE = 8  # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
+
+
+@functools.cache
+def syscall_filter(mode: str) -> bytes:
+    """The worker's seccomp filter for `mode` ("kill", "log"): only the system calls
+    serving needs; anything else kills the worker, or is allowed and logged by the
+    kernel. A new socket is refused quietly for AF_UNIX (glibc's syslog reconnects
+    after a syslogd restart) and kills otherwise.
+
+    Returns the BPF program libseccomp builds (struct sock_filter[], 8 bytes each,
+    architecture check included), once per mode: the master calls it before it forks,
+    so that no worker builds it again (building it cost each worker 1.3 MB of memory
+    of its own, libseccomp's and ctypes' allocations). Raises OSError from libseccomp."""
     default = pyseccomp.KILL_PROCESS if mode == "kill" else pyseccomp.LOG
     rules = pyseccomp.SyscallFilter(default)
     # A binary tree instead of a list of comparisons: the filter runs on every call.
     rules.set_attr(pyseccomp.Attr.CTL_OPTIMIZE, 2)
-    # Do not let the filter switch on the speculative-store-bypass mitigation for the
-    # whole process: it slows all of a worker's code, and a worker runs no untrusted code.
-    rules.set_attr(pyseccomp.Attr.CTL_SSB, 1)
     for name in WORKER_SYSCALLS:
         rules.add_rule(pyseccomp.ALLOW, name)
     rules.add_rule(pyseccomp.ALLOW, "prctl", pyseccomp.Arg(0, pyseccomp.EQ, _PR_SET_NAME))
@@ -570,7 +585,29 @@ def restrict_syscalls(mode: str = "kill") -> None:
     rules.add_rule(
         pyseccomp.ERRNO(errno.EACCES), "socket", pyseccomp.Arg(0, pyseccomp.EQ, socket.AF_UNIX)
     )
-    rules.load()
+    with open(os.memfd_create("proxyd-seccomp", os.MFD_CLOEXEC), "w+b") as program:
+        rules.export_bpf(program)
+        program.seek(0)
+        return program.read()
+
+
+def restrict_syscalls(mode: str = "kill") -> None:
+    """Load syscall_filter(mode) into this process with seccomp(2), unless `mode` is
+    "off". Needs no_new_privs set first (forbid_new_privileges). Raises OSError."""
+    if mode == "off":
+        return
+    program = syscall_filter(mode)
+    code = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // _SOCK_FILTER_SIZE, ctypes.addressof(code))
+    _check(
+        _libc.syscall(
+            _SYS_SECCOMP,
+            ctypes.c_uint(_SECCOMP_SET_MODE_FILTER),
+            ctypes.c_uint(_SECCOMP_FILTER_FLAG_SPEC_ALLOW),
+            ctypes.byref(fprog),
+        ),
+        "seccomp",
+    )
 
 
 class Credentials:

@@ -39,6 +39,7 @@ PTRACE_DETACH = 17
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_GET_SYSCALL_INFO = 0x420E
+PTRACE_SECCOMP_GET_FILTER = 0x420C
 PTRACE_O_TRACESYSGOOD = 1
 PTRACE_EVENT_STOP = 128
 PTRACE_SYSCALL_INFO_ENTRY = 1
@@ -209,6 +210,14 @@ class Tracer:
                 return stop
             if time.monotonic() > deadline:
                 raise TraceError(f"pid {self.pid} not at system call {nr} within {self.timeout} s")
+
+    def seccomp_filter(self, index: int = 0) -> bytes:
+        """The held tracee's seccomp filter number `index` (0: the last one loaded) as
+        its BPF program, struct sock_filter[] (PTRACE_SECCOMP_GET_FILTER, ptrace(2))."""
+        count = _ptrace(PTRACE_SECCOMP_GET_FILTER, self.pid, index, None)
+        program = (ctypes.c_char * (count * 8))()
+        _ptrace(PTRACE_SECCOMP_GET_FILTER, self.pid, index, program)
+        return program.raw
 
     def kill(self) -> None:
         """SIGKILL the held tracee and reap it as its tracer: only then does its

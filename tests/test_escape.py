@@ -44,7 +44,7 @@ from pathlib import Path
 import pytest
 
 from proxyd import privileges
-from tests.daemon import Daemon, children, title, wait_until
+from tests.daemon import Daemon, children, title, wait_until, write_config
 from tests.proxyclient import (
     CHECKOUT,
     ConnectionClosed,
@@ -57,6 +57,7 @@ from tests.proxyclient import (
     errno_of,
     start_server,
 )
+from tests.ptrace import Tracer
 from tests.test_chaos import write_coverage
 
 WORKER_CAPS = 0x80000DB  # CHOWN DAC_OVERRIDE FOWNER FSETID SETGID SETUID MKNOD
@@ -1515,6 +1516,31 @@ def test_without_the_filter_the_same_call_runs(tmp_path: Path, call: str, mode: 
     if mode == "log" and call == "socket(AF_UNIX)":
         expected = "EACCES"  # the filter's quiet refusal holds in both modes
     assert (run.returncode, returned(run)) == (0, expected), run.output
+
+
+def test_each_worker_loads_the_filter_of_the_configured_mode(tmp_path: Path) -> None:
+    """The master builds the filter once per mode and every worker loads that program:
+    read back from the workers (ptrace), before and after a reload changes the mode."""
+    kill, log = privileges.syscall_filter("kill"), privileges.syscall_filter("log")
+    assert kill != log and len(kill) == len(log) and len(kill) % 8 == 0
+
+    def loaded(d: Daemon, exclude: int = 0) -> tuple[int, bytes]:
+        def idle() -> int | None:
+            found = [p for p, t in d.worker_titles().items() if " idle" in t and p != exclude]
+            return found[0] if found else None
+
+        pid = wait_until(idle, what="a sandboxed idle worker")
+        with Tracer(pid) as tracer:
+            return pid, tracer.seccomp_filter()
+
+    with Daemon(tmp_path, [{"name": "sc", "min_idle": 1}], seccomp="log") as d:
+        first, program = loaded(d)
+        assert program == log
+        write_config(d.config, {**d.daemon_settings, "seccomp": "kill"}, list(d.exports.values()))
+        d.signal(signal.SIGHUP)
+        d.wait_event("worker exited", worker_pid=first)
+        _, program = loaded(d, exclude=first)
+        assert program == kill
 
 
 SYS_RECVFROM = 45  # x86_64: where a worker waits for its next request (recv_into)
