@@ -34,6 +34,8 @@ cdef extern from "<sys/socket.h>":
     ssize_t recv(int, void *, size_t, int)
     ssize_t send(int, const void *, size_t, int)
     ssize_t sendmsg(int, const msghdr *, int)
+    int SO_RCVTIMEO
+    int setsockopt(int, int, int, const void *, socklen_t) nogil  # in a signal handler
 
 cdef extern from "<sys/xattr.h>":
     ssize_t lgetxattr(const char *, const char *, void *, size_t)

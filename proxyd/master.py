@@ -455,6 +455,8 @@ class Master:
                 channel.send(w.channel, {"op": "log"}, log.current_fd())
             # Then tell a busy worker to look at its channel (after the send, so it finds it).
             w.journal.fields[slot.LOG_EPOCH] += 1
+            if w.conn is not None:  # serving: blocked on its connection, not the channel
+                self._kill(w, slot.WAKE_SIGNAL)
         self.counters["log_reopens"] += 1
         self.log.info("log reopened", log_file=path, workers=len(self.workers))
 
@@ -668,6 +670,7 @@ class Master:
             w.state = RETIRING
         elif w.state == BUSY:
             w.journal.fields[slot.COMMAND] = slot.RETIRE
+            self._kill(w, slot.WAKE_SIGNAL)
             w.state = RETIRING
 
     def _forget_channel(self, w: Worker) -> None:

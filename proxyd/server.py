@@ -13,6 +13,7 @@ from __future__ import annotations
 import array
 import errno
 import os
+import signal
 import socket
 import struct
 import time
@@ -32,7 +33,8 @@ if cython.compiled:
     from cython.cimports.libc.errno import EAGAIN, EINTR
     from cython.cimports.libc.errno import errno as c_errno
     from cython.cimports.libc.string import memcpy, memset
-    from cython.cimports.posix.time import CLOCK_MONOTONIC, clock_gettime, timespec
+    from cython.cimports.posix.signal import SA_RESTART, sigaction, sigaction_t, sigemptyset
+    from cython.cimports.posix.time import CLOCK_MONOTONIC, clock_gettime, timespec, timeval
     from cython.cimports.proxyd._libc import (
         CMSG_DATA,
         CMSG_FIRSTHDR,
@@ -40,12 +42,14 @@ if cython.compiled:
         CMSG_SPACE,
         MSG_NOSIGNAL,
         SCM_RIGHTS,
+        SO_RCVTIMEO,
         SOL_SOCKET,
         iovec,
         msghdr,
         recv,
         send,
         sendmsg,
+        setsockopt,
     )
 
 Handler = Callable[[bytes], Any]
@@ -323,10 +327,68 @@ class _Stalled(Exception):
     """The peer sent part of a request and then nothing for request_timeout."""
 
 
-# How often a worker blocked on a quiet connection looks up (SO_RCVTIMEO): to hand
-# the connection back when the master asks, and to notice a peer stalled mid-request.
-WAKE_INTERVAL = 0.5
-_WAKE_TIMEVAL = struct.pack("@ll", 0, int(WAKE_INTERVAL * 1_000_000))
+# --- waking a worker blocked on a quiet connection ----------------------------------------
+#
+# Between requests a worker blocks in recv(2) with no timeout: no timer is armed for each
+# request (0.1-0.4 µs of every one) and an idle guest costs no wake-ups. The master,
+# having stored a command or a new log epoch in the journal, sends WAKE_SIGNAL; its
+# handler sets the connection's receive timeout to 1 µs, so that the recv the worker is
+# in, or the next one it makes, returns at once (SA_RESTART: any other call goes on).
+# The worker then clears the timeout and only then reads the journal, so a wake-up is
+# never lost, whether it comes before the call or during it. With part of a request
+# received, the timeout is request_timeout (a peer stalled mid-request).
+WAKE_SIGNAL = slot.WAKE_SIGNAL
+_NO_TIMEOUT = struct.pack("@ll", 0, 0)
+_wake_fd = cython.declare(cython.int, -1)  # the connection being served, else -1
+_wake_sock: socket.socket | None = None  # the same, interpreted
+
+
+@cython.cfunc
+@cython.nogil
+@cython.exceptval(check=False)
+def _on_wake(sig: cython.int) -> cython.void:
+    """WAKE_SIGNAL's handler (compiled): one async-signal-safe call, which cannot fail
+    (the descriptor is open while it is watched) and so leaves errno as it was."""
+    if cython.compiled:
+        soon = cython.declare(timeval)
+        soon.tv_sec = 0
+        soon.tv_usec = 1
+        if _wake_fd >= 0:
+            setsockopt(_wake_fd, SOL_SOCKET, SO_RCVTIMEO, cython.address(soon), cython.sizeof(soon))
+
+
+def install_wake_handler() -> None:
+    """Handle WAKE_SIGNAL in this process (a worker, before it serves). Raises OSError."""
+    if cython.compiled:
+        action = cython.declare(sigaction_t)
+        memset(cython.address(action), 0, cython.sizeof(action))
+        action.sa_handler = _on_wake
+        action.sa_flags = SA_RESTART
+        sigemptyset(cython.address(action.sa_mask))
+        if sigaction(WAKE_SIGNAL, cython.address(action), cython.NULL) != 0:
+            raise OSError(c_errno, os.strerror(c_errno))
+        return
+
+    def on_wake(_sig: int, _frame: object) -> None:  # runs between bytecodes: recv EINTRs
+        if _wake_sock is not None:
+            _wake_sock.setsockopt(_SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 0, 1))
+
+    signal.signal(WAKE_SIGNAL, on_wake)
+
+
+def _watch(sock: socket.socket | None) -> None:
+    """The connection WAKE_SIGNAL wakes from now on (None: none)."""
+    global _wake_fd, _wake_sock
+    _wake_sock = sock
+    _wake_fd = sock.fileno() if sock is not None else -1
+
+
+def _set_receive_timeout(sock: socket.socket, seconds: float) -> None:
+    """SO_RCVTIMEO of `seconds` (0: none)."""
+    whole = int(seconds)
+    sock.setsockopt(
+        _SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", whole, int((seconds - whole) * 1e6))
+    )
 
 
 class Server:
@@ -357,7 +419,7 @@ class Server:
         self._log = log
         self._slot = slot_ if slot_ is not None else Slot()
         self._counting = metrics  # count every reply in the slot's metrics area
-        self._stall_wakeups = max(1, round(request_timeout / WAKE_INTERVAL))
+        self._request_timeout = request_timeout
         seconds = int(request_timeout)
         self._send_timeval = struct.pack("@ll", seconds, int((request_timeout - seconds) * 1e6))
         self._audited = audited_codes(audit)
@@ -379,9 +441,10 @@ class Server:
         from a worker that died while receiving it). The master logs the closing.
         """
         stats = ConnectionStats()
-        sock.setsockopt(_SOL_SOCKET, socket.SO_RCVTIMEO, _WAKE_TIMEVAL)
+        sock.setsockopt(_SOL_SOCKET, socket.SO_RCVTIMEO, _NO_TIMEOUT)
         # A peer that stops reading its replies must not pin the worker for ever.
         sock.setsockopt(_SOL_SOCKET, socket.SO_SNDTIMEO, self._send_timeval)
+        _watch(sock)
         try:
             self._loop(sock, stats)
         except Released:
@@ -399,38 +462,55 @@ class Server:
             stats.reason = f"peer gone: {e.strerror}"
         except OSError as e:
             stats.reason = f"socket error: {e.strerror}"
+        finally:
+            _watch(None)
         if stats.reason != "released":
             # Released, the journal keeps saying RECEIVING with the bytes of a request
             # that arrived as we were asked to leave: they go on with the connection.
             self._slot.fields[slot.PHASE] = slot.IDLE
         return stats
 
-    def _at_boundary(self) -> None:
+    def _at_boundary(self, sock: socket.socket) -> None:
+        """Woken with nothing received: no receive timeout again (WAKE_SIGNAL's handler
+        set one), then the master's command or new log epoch, if any."""
+        _set_receive_timeout(sock, 0)
         fields = self._slot.fields
         if fields[slot.COMMAND] or fields[slot.LOG_EPOCH] != self.log_epoch:
             self._on_command()
 
     def _receive(self, sock: socket.socket, have: int, need: int) -> int:
-        """Read until `need` bytes are in the buffer; 0 at EOF (or EOF mid-request)."""
+        """Read until `need` bytes are in the buffer; 0 at EOF (or EOF mid-request).
+        With part of a request in, the peer may be silent for request_timeout at most
+        (then _Stalled); with nothing in, a wake-up is the master's (_at_boundary)."""
         buf: cython.uchar[::1] = self._slot.request
         fields: cython.uint[::1] = self._slot.fields
         fd: cython.int = sock.fileno()
-        quiet = 0
-        while have < need:
-            n = _recv(sock, fd, buf, have)
-            if n < 0:  # SO_RCVTIMEO expired: nothing arrived
-                if have == 0:
-                    self._at_boundary()
+        deadline = None  # part of a request in: monotonic seconds by which more must come
+        timed = False  # a receive timeout is set, to be cleared on the way out
+        try:
+            while have < need:
+                if have and deadline is None:  # silence counts from the last byte received
+                    deadline = time.monotonic() + self._request_timeout
+                    _set_receive_timeout(sock, self._request_timeout)
+                    timed = True
+                n = _recv(sock, fd, buf, have)
+                if n < 0:  # SO_RCVTIMEO: woken, or the peer silent for too long
+                    if have == 0:
+                        self._at_boundary(sock)
+                        continue
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise _Stalled from None
+                    _set_receive_timeout(sock, left)  # woken mid-request: the rest of it
                     continue
-                quiet += 1
-                if quiet >= self._stall_wakeups:
-                    raise _Stalled from None
-                continue
-            if n == 0:
-                return 0
-            have += n
-            fields[slot.HAVE] = have
-            quiet = 0
+                if n == 0:
+                    return 0
+                have += n
+                fields[slot.HAVE] = have
+                deadline = None  # set again, in full, before the next wait
+        finally:
+            if timed:
+                _set_receive_timeout(sock, 0)
         return have
 
     @cython.boundscheck(False)
@@ -478,7 +558,8 @@ class Server:
                 if fields[COMMAND] or fields[LOG_EPOCH] != self.log_epoch:
                     self._on_command()
                 n = _recv(sock, fd, buf, 0)
-                if n < 0:  # SO_RCVTIMEO: a quiet connection's wake-up
+                if n < 0:  # SO_RCVTIMEO: woken by the master (WAKE_SIGNAL)
+                    self._at_boundary(sock)
                     have = receive(sock, 0, HEADER_SIZE)
                 else:
                     have = n

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import signal
 
 from proxyd.protocol import BUFFER_SIZE, HEADER, HEADER_SIZE, REQUESTS
 
@@ -49,6 +50,11 @@ FIELDS = 16
 
 NONE = 0
 RETIRE = 1
+
+# Sent by the master to a busy worker once it has stored COMMAND or a new LOG_EPOCH: the
+# worker, blocked in recv(2) with no timeout on a quiet connection, wakes up and reads
+# them (server.py, install_wake_handler). Workers of older versions ignore it.
+WAKE_SIGNAL = signal.SIGUSR2
 
 _FIELDS_SIZE = FIELDS * 4
 RELAY_SIZE = 64 * 1024  # log lines of a worker whose master died, for the next one

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 from proxyd import channel, log, privileges, slot
 from proxyd.config import EXIT_EXPORT, EXIT_INTERNAL, EXIT_OK, Config, ExportConfig, metrics_on
 from proxyd.ops import ExportOps, ReadOnlyOps, has_generations
-from proxyd.server import Released, Server
+from proxyd.server import Released, Server, install_wake_handler
 from proxyd.slot import Slot
 from proxyd.title import set_title
 
@@ -83,6 +83,7 @@ def _worker(
     # No core files: a hung worker is killed with SIGABRT, and its cwd is the export.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     _quiet_signals()
+    install_wake_handler()  # the master wakes us on a quiet connection (server.py)
     _title(export.name, index, "starting")
     # Only our own descriptors go into the sandbox: the log's is the master's (stderr
     # opened again non-blocking, the log file, or the socket connected to syslog). The

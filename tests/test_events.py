@@ -3,6 +3,7 @@ request at each audit level, lines that always parse and fit, log file reopening
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -409,6 +410,19 @@ def test_sigusr1_reopens_the_log_file_in_master_and_workers(tmp_path: Path) -> N
             lambda: log_file.exists() and '"event":"log reopened"' in log_file.read_text(),
             what="the reopened file handed to the workers",
         )
+
+        def holding_the_rotated_file() -> bool:
+            for pid in d.workers():
+                with contextlib.suppress(FileNotFoundError):
+                    for fd in os.listdir(f"/proc/{pid}/fd"):
+                        with contextlib.suppress(FileNotFoundError):
+                            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(rotated):
+                                return True
+            return False
+
+        # The busy worker, blocked on its quiet connection, is woken (WAKE_SIGNAL) to take
+        # the new file before its guest's next request: none keeps the rotated one open.
+        wait_until(lambda: not holding_the_rotated_file(), what="the rotated file let go")
         busy.mkdir(0, 0, "/after-busy", 0o755)  # a worker that was busy all along
         idle = d.connect("a")  # a worker that was idle when the signal came
         idle.mkdir(0, 0, "/after-idle", 0o755)

@@ -51,7 +51,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.daemon import Daemon, children, title, wait_until
+from proxyd import slot
+from tests.daemon import Daemon, children, title, wait_until, write_config
 from tests.proxyclient import (
     CHECKOUT,
     CHMOD,
@@ -88,6 +89,7 @@ from tests.proxyclient import (
     pack_s,
     unpack_s,
 )
+from tests.ptrace import SYS_RECVFROM, SYS_SENDTO, Tracer
 from tests.test_chaos import EXECUTING, aim_at, write_coverage
 
 EXPORT = "r"
@@ -613,10 +615,96 @@ def test_non_utf8_names_work_and_are_logged_escaped(shared: Daemon) -> None:
     shared.wait_event("op", conn=conn, op="lstat", path="/caf\\xe9\\xff/f\\x80", result="ok")
 
 
+# --- a quiet connection: no timer armed, woken by the master (proxyd/server.py) --------
+
+SYS_SETSOCKOPT = 54  # x86-64
+SOL_SOCKET, SO_RCVTIMEO = 1, 20
+
+
+def _switches(pid: int) -> int:
+    """Context switches of `pid` so far: a process blocked in a call makes none."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return sum(int(v) for k, v in re.findall(r"^(\w*ctxt_switches):\s+(\d+)$", status, re.M))
+
+
+def _waiting(pid: int) -> bool:
+    """Blocked in recvfrom(2), not held by a tracer."""
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state == "S" and Path(f"/proc/{pid}/syscall").read_text().split()[0] == "45"
+
+
+def test_a_quiet_connection_costs_its_worker_no_wake_ups(tmp_path: Path) -> None:
+    with start(tmp_path) as d:
+        client, conn = connect(d)
+        worker = d.serving_worker(conn)
+        wait_until(lambda: _waiting(worker), what="the worker waiting for the next request")
+        before = _switches(worker)
+        time.sleep(1.6)  # the quiet is what is tested (a 0.5 s receive timeout woke 3 times)
+        assert _switches(worker) == before, "the worker ran on a quiet connection"
+        ok(client.lstat("/"))
+
+
+@pytest.mark.parametrize("window", ["before its recv", "in its recv"])
+def test_the_masters_wake_up_is_never_lost(tmp_path: Path, window: str) -> None:
+    """WAKE_SIGNAL after the worker looked at its journal but before its recv(2), or
+    while it is blocked in it: either way that recv returns at once (the handler's 1 µs
+    receive timeout), the worker clears the timeout, looks again and waits again."""
+    with start(tmp_path) as d:
+        client, conn = connect(d)
+        worker = d.serving_worker(conn)
+        wait_until(lambda: _waiting(worker), what="the worker waiting for the next request")
+        with Tracer(worker) as tracer:
+            if window == "before its recv":
+                client.send_raw(request_bytes(LSTAT, pack_s("/")))
+                tracer.until(SYS_SENDTO, entry=False)  # the reply is out: the boundary next
+                os.kill(worker, slot.WAKE_SIGNAL)  # handled as the worker leaves sendto
+            else:
+                tracer.until(SYS_RECVFROM, entry=True)  # the wait the tracer interrupted
+
+                def wake_when_blocked() -> None:
+                    wait_until(lambda: _waiting(worker), what="the worker blocked in recv")
+                    os.kill(worker, slot.WAKE_SIGNAL)
+
+                waker = threading.Thread(target=wake_when_blocked)
+                waker.start()
+            # Past the restart of an interrupted call (-ERESTARTSYS, 512: not a return).
+            woken = tracer.until(SYS_RECVFROM, entry=False, where=lambda s: s.rval != -512)
+            assert woken.rval == -errno.EAGAIN, woken
+            cleared = tracer.until(
+                SYS_SETSOCKOPT, entry=True, where=lambda s: s.args[0] == woken.args[0]
+            )
+            assert cleared.args[1:3] == (SOL_SOCKET, SO_RCVTIMEO), cleared
+            tracer.until(SYS_RECVFROM, entry=True)  # waiting again, with no timeout
+            if window == "in its recv":
+                waker.join()
+        if window == "before its recv":
+            reply = client.recv_header_reply("data")
+            ok(reply)
+        ok(client.lstat("/"))
+        assert not d.events("worker died")
+
+
+def test_a_reload_moves_a_quiet_connection_without_waiting_for_its_guest(
+    tmp_path: Path,
+) -> None:
+    """The master wakes the busy worker it retires: the connection moves to a new
+    worker with no request from the guest, which then finds it served as before."""
+    with start(tmp_path) as d:
+        client, conn = connect(d)
+        old = d.serving_worker(conn)
+        wait_until(lambda: _waiting(old), what="the worker waiting for the next request")
+        settings = {**d.daemon_settings, "audit": "mutations"}  # workers forked differently
+        write_config(d.config, settings, list(d.exports.values()))
+        d.signal(signal.SIGHUP)
+        d.wait_event("worker exited", worker_pid=old)
+        assert d.serving_worker(conn) != old
+        ok(client.lstat("/"))
+
+
 # A slow peer, not a stalled one (time is the behaviour under test): every third byte of
-# a request comes after SLOW_GAP, longer than the worker's wake-up interval (0.5 s,
-# proxyd/server.py) and SLOW_TIMEOUT - SLOW_GAP = 2.25 s short of request_timeout (the
-# margin a loaded machine may add to a gap), the whole request taking longer than it.
+# a request comes after SLOW_GAP, and SLOW_TIMEOUT - SLOW_GAP = 2.25 s short of
+# request_timeout (the margin a loaded machine may add to a gap), the whole request
+# taking longer than it.
 SLOW_TIMEOUT, SLOW_GAP = 3.0, 0.75
 
 
