@@ -74,6 +74,14 @@ def test_bench_smoke_figures_are_plausible(tmp_path: Path) -> None:
                 cpu = spread(measured["cpu_us"], 0, MAX_CPU_US)
                 assert cpu <= 1.5 * rtt, (placement, name, kind, measured)
 
+    # The floor: the reference, proxyd and scripts/floor.c, on the requests floor.c answers
+    # (each a reply the client decoded: a descriptor for OPEN, a stat record for LSTAT).
+    assert set(figures["floor"]) == {"lstat", "open", "readlink", "lgetxattr", "chmod", "mixed"}
+    for name, kinds in figures["floor"].items():
+        assert set(kinds) == {"reference", "proxyd", "floor"}, name
+        for cpu in kinds.values():
+            spread(cpu, 0, MAX_CPU_US)
+
     assert set(figures["aggregate"]) == {"1", "4"}
     for conns, kinds in figures["aggregate"].items():
         assert set(kinds) == {"proxyd", "reference"}, conns
