@@ -384,11 +384,13 @@ def _watch(sock: socket.socket | None) -> None:
 
 
 def _set_receive_timeout(sock: socket.socket, seconds: float) -> None:
-    """SO_RCVTIMEO of `seconds` (0: none)."""
+    """SO_RCVTIMEO of `seconds` (0: none; any time left, however short, at least 1 µs:
+    a zero timeval would mean none)."""
     whole = int(seconds)
-    sock.setsockopt(
-        _SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", whole, int((seconds - whole) * 1e6))
-    )
+    micro = int((seconds - whole) * 1e6)
+    if seconds > 0 and not whole and not micro:
+        micro = 1
+    sock.setsockopt(_SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", whole, micro))
 
 
 class Server:

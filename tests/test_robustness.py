@@ -33,6 +33,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import stat
 import struct
 import subprocess
@@ -51,7 +52,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxyd import slot
+from proxyd import server, slot
 from tests.daemon import Daemon, children, title, wait_until, write_config
 from tests.proxyclient import (
     CHECKOUT,
@@ -631,6 +632,17 @@ def _waiting(pid: int) -> bool:
     """Blocked in recvfrom(2), not held by a tracer."""
     state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     return state == "S" and Path(f"/proc/{pid}/syscall").read_text().split()[0] == "45"
+
+
+def test_the_last_of_a_stall_allowance_is_still_a_timeout() -> None:
+    """However little of request_timeout is left, the receive timeout set for it is
+    not a zero timeval, which would mean no timeout at all."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        for seconds, none in ((1e-9, False), (0.25, False), (3.0, False), (0, True)):
+            server._set_receive_timeout(ours, seconds)
+            raw = ours.getsockopt(SOL_SOCKET, SO_RCVTIMEO, struct.calcsize("@ll"))
+            assert (struct.unpack("@ll", raw) == (0, 0)) == none, (seconds, raw)
 
 
 def test_a_quiet_connection_costs_its_worker_no_wake_ups(tmp_path: Path) -> None:
