@@ -681,8 +681,7 @@ class Master:
             w.channel = None
 
     def _kill(self, w: Worker, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(w.pid, sig)
+        w.signal(sig)
 
     # --- messages from workers --------------------------------------------------------------
 

@@ -10,7 +10,9 @@ just finished a connection serves the next one instead of being replaced by a fo
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
+import signal
 import socket
 import stat
 import time
@@ -84,6 +86,16 @@ class Worker:
     @property
     def name(self) -> str:
         return f"{self.pool.config.name}#{self.index}"
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the worker, if it still runs. An adopted worker goes by its
+        pidfd: not our child, its pid may be another process's as soon as it exits
+        (ours stay zombies until we reap them)."""
+        with contextlib.suppress(ProcessLookupError):
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, sig)
+            else:
+                os.kill(self.pid, sig)
 
 
 @dataclass(eq=False)

@@ -9,7 +9,6 @@ table is this module.
 from __future__ import annotations
 
 import collections
-import contextlib
 import errno
 import fcntl
 import hashlib
@@ -339,7 +338,7 @@ class Recovery:
             if kind == UNRESPONSIVE:
                 self._counters["unresponsive_killed"] += 1
                 self.log.warning("worker unresponsive", timeout_s=timeout, **fields)
-                _kill(w.pid, signal.SIGKILL)
+                w.signal(signal.SIGKILL)
             else:
                 self._counters["hung_killed"] += 1
                 code, _ = w.journal.header()
@@ -347,9 +346,9 @@ class Recovery:
                 self.log.warning(
                     "request timed out, killing worker", op=op, timeout_s=timeout, **fields
                 )
-                _kill(w.pid, signal.SIGABRT)
+                w.signal(signal.SIGABRT)
         elif now - w.killed_at > ABORT_GRACE:  # a stopped process ignores SIGABRT
-            _kill(w.pid, signal.SIGKILL)
+            w.signal(signal.SIGKILL)
 
     def _poisoned(self, conn: Connection, request: tuple[int, str]) -> bool:
         """The same request has killed POISON_DEATHS workers: close its connection."""
@@ -398,8 +397,3 @@ class Recovery:
             return conn.sock.send(reply, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL) == len(reply)
         except OSError:
             return False
-
-
-def _kill(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)

@@ -3,7 +3,10 @@ max_workers, trimming, start back-off, exhaustion and back-pressure."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 
 import pytest
 
@@ -116,3 +119,25 @@ def test_back_pressure_pauses_at_the_limit_and_resumes_at_half(make) -> None:
         assert p.update_backlogged()
         p.pending.pop()
     assert not p.update_backlogged()
+
+
+def test_an_adopted_worker_is_signalled_through_its_pidfd_not_its_pid() -> None:
+    """Not our child, an adopted worker's pid may be another process's once it exits:
+    the master signals it through the pidfd it watches it by; its own children by pid."""
+    decoy, adopted = (subprocess.Popen(["sleep", "60"]) for _ in range(2))
+    pidfd = os.pidfd_open(adopted.pid)
+    try:
+        # The pid recorded is the decoy's, as when the adopted worker's pid was reused.
+        Worker(decoy.pid, None, 0, -1, None, None, pidfd=pidfd).signal(signal.SIGTERM)
+        assert adopted.wait(10) == -signal.SIGTERM
+        assert decoy.poll() is None
+        # Gone (and reaped): its pidfd still names it, and nothing else; no error.
+        Worker(decoy.pid, None, 0, -1, None, None, pidfd=pidfd).signal(signal.SIGTERM)
+        assert decoy.poll() is None
+        Worker(decoy.pid, None, 1, 0, None, None).signal(signal.SIGTERM)  # our child: by pid
+        assert decoy.wait(10) == -signal.SIGTERM
+    finally:
+        os.close(pidfd)
+        for child in (decoy, adopted):
+            child.kill()
+            child.wait()
