@@ -31,11 +31,20 @@ cdef extern from "<sys/socket.h>":
     int SOL_SOCKET
     int SCM_RIGHTS
     int MSG_NOSIGNAL
+    int MSG_DONTWAIT
     ssize_t recv(int, void *, size_t, int)
     ssize_t send(int, const void *, size_t, int)
     ssize_t sendmsg(int, const msghdr *, int)
     int SO_RCVTIMEO
     int setsockopt(int, int, int, const void *, socklen_t) nogil  # in a signal handler
+
+cdef extern from "<poll.h>":
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    short POLLOUT
+    int poll(pollfd *, unsigned long, int)
 
 cdef extern from "<sys/xattr.h>":
     ssize_t lgetxattr(const char *, const char *, void *, size_t)

@@ -322,7 +322,7 @@ class Recovery:
         EIO. Request bytes waiting that the worker has not taken for `timeout` (stopped,
         or stuck before its recv): SIGKILL; the request never started, so the connection
         simply goes on with a fresh worker. A reply being sent gets twice the time: a
-        peer that does not read is the worker's own SO_SNDTIMEO to handle."""
+        peer that does not read is the worker's own to cut off (server._send_all)."""
         assert w.conn is not None
         kind = stuck(w.journal, w.conn.sock)
         mark = progress_mark(w.journal) if kind is not None else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import array
 import errno
 import os
+import select
 import signal
 import socket
 import struct
@@ -40,12 +41,16 @@ if cython.compiled:
         CMSG_FIRSTHDR,
         CMSG_LEN,
         CMSG_SPACE,
+        MSG_DONTWAIT,
         MSG_NOSIGNAL,
+        POLLOUT,
         SCM_RIGHTS,
         SO_RCVTIMEO,
         SOL_SOCKET,
         iovec,
         msghdr,
+        poll,
+        pollfd,
         recv,
         send,
         sendmsg,
@@ -170,33 +175,82 @@ def _recv(
 
 
 @cython.cfunc
-def _send_all(sock: socket.socket, fd: cython.int, reply: bytes) -> cython.int:
-    """send(2) all of `reply`. Raises OSError: BlockingIOError when SO_SNDTIMEO expired."""
+def _wait_to_send(sock: socket.socket, fd: cython.int, deadline: cython.longlong) -> cython.int:
+    """Wait until the connection takes more (poll(2), POLLOUT) or `deadline` (monotonic
+    ns) passes. A signal (the master's wake-up) only makes it look again: the deadline
+    stays where it was. Raises BlockingIOError at the deadline, OSError."""
+    while True:
+        left: cython.longlong = deadline - _now()
+        if left <= 0:
+            raise BlockingIOError(errno.EAGAIN, "the peer took nothing for request_timeout")
+        ms: cython.int = (left + 999_999) // 1_000_000
+        if cython.compiled:
+            entry = cython.declare(pollfd)
+            entry.fd = fd
+            entry.events = POLLOUT
+            entry.revents = 0
+            ready: cython.int = poll(cython.address(entry), 1, ms)
+            if ready > 0:
+                return 0
+            if ready < 0 and c_errno != EINTR:
+                raise OSError(c_errno, os.strerror(c_errno))
+        else:
+            waiting = select.poll()
+            waiting.register(sock, select.POLLOUT)
+            if waiting.poll(ms):  # EINTR: retried by Python with the time left (PEP 475)
+                return 0
+
+
+@cython.cfunc
+def _send_all(
+    sock: socket.socket, fd: cython.int, reply: bytes, timeout: cython.longlong
+) -> cython.int:
+    """send(2) all of `reply`, never blocking in the call: while the peer takes nothing,
+    _wait_to_send, `timeout` ns from the last progress at most. Raises OSError:
+    BlockingIOError when the peer took nothing for that long."""
+    data: cython.p_char
+    left: cython.Py_ssize_t = len(reply)
+    sent: cython.Py_ssize_t = 0
+    n: cython.Py_ssize_t
+    err: cython.int
+    deadline: cython.longlong = 0  # while the peer takes nothing: by when it must (ns)
     if cython.compiled:
-        data: cython.p_char = reply
-        left: cython.Py_ssize_t = len(reply)
-        while left > 0:
-            n = send(fd, data, left, MSG_NOSIGNAL)
-            if n >= 0:
-                data += n
-                left -= n
-                continue
-            err = c_errno
-            if err != EINTR:
-                raise OSError(err, os.strerror(err))
-        return 0
-    sock.sendall(reply)
+        data = reply
+    while left > 0:
+        if cython.compiled:
+            n = send(fd, data + sent, left, MSG_NOSIGNAL | MSG_DONTWAIT)
+            err = c_errno if n < 0 else 0
+        else:
+            try:
+                n, err = sock.send(reply[sent:], socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT), 0
+            except BlockingIOError:
+                n, err = -1, errno.EAGAIN
+        if n >= 0:
+            sent += n
+            left -= n
+            deadline = 0
+        elif err == errno.EAGAIN:
+            if not deadline:
+                deadline = _now() + timeout
+            _wait_to_send(sock, fd, deadline)
+        elif err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
     return 0
 
 
 @cython.cfunc
 @cython.boundscheck(False)
 def _send_fd(
-    sock: socket.socket, conn: cython.int, fd: cython.int, fields: cython.uint[::1]
+    sock: socket.socket,
+    conn: cython.int,
+    fd: cython.int,
+    fields: cython.uint[::1],
+    timeout: cython.longlong,
 ) -> cython.int:
     """The fd reply: FD_VALID with `fd` as SCM_RIGHTS, by sendmsg(2) on `conn`. The
     message is built first; then REPLY_READY is stored in the journal and at once the
-    call made. Raises OSError."""
+    call made (never blocking: while the peer takes nothing, _wait_to_send). Raises
+    OSError: BlockingIOError when the peer took nothing for `timeout` ns."""
     if cython.compiled:
         value: cython.int = _FD_VALID
         iov = cython.declare(iovec)
@@ -215,16 +269,26 @@ def _send_fd(
         cmsg.cmsg_type = SCM_RIGHTS
         cmsg.cmsg_len = CMSG_LEN(cython.sizeof(cython.int))
         memcpy(CMSG_DATA(cmsg), cython.address(fd), cython.sizeof(cython.int))
+        deadline: cython.longlong = 0
         fields[_PHASE] = _REPLY_READY
-        while sendmsg(conn, cython.address(msg), MSG_NOSIGNAL) < 0:
+        while sendmsg(conn, cython.address(msg), MSG_NOSIGNAL | MSG_DONTWAIT) < 0:
             err = c_errno
-            if err != EINTR:
+            if err == EAGAIN:
+                if not deadline:
+                    deadline = _now() + timeout
+                _wait_to_send(sock, conn, deadline)
+            elif err != EINTR:
                 raise OSError(err, os.strerror(err))
         return 0
     rights = [(_SOL_SOCKET, _SCM_RIGHTS, p.FD_REPLY.pack(fd))]
     fields[_PHASE] = _REPLY_READY
-    sock.sendmsg(_FD_VALID_BUFFERS, rights)
-    return 0
+    until = _now() + timeout
+    while True:
+        try:
+            sock.sendmsg(_FD_VALID_BUFFERS, rights, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+            return 0
+        except BlockingIOError:
+            _wait_to_send(sock, conn, until)
 
 
 @cython.cfunc
@@ -422,8 +486,6 @@ class Server:
         self._slot = slot_ if slot_ is not None else Slot()
         self._counting = metrics  # count every reply in the slot's metrics area
         self._request_timeout = request_timeout
-        seconds = int(request_timeout)
-        self._send_timeval = struct.pack("@ll", seconds, int((request_timeout - seconds) * 1e6))
         self._audited = audited_codes(audit)
         self._readonly = readonly
         self._on_command = on_command or (lambda: None)
@@ -444,8 +506,6 @@ class Server:
         """
         stats = ConnectionStats()
         sock.setsockopt(_SOL_SOCKET, socket.SO_RCVTIMEO, _NO_TIMEOUT)
-        # A peer that stops reading its replies must not pin the worker for ever.
-        sock.setsockopt(_SOL_SOCKET, socket.SO_SNDTIMEO, self._send_timeval)
         _watch(sock)
         try:
             self._loop(sock, stats)
@@ -454,7 +514,7 @@ class Server:
         except _Stalled:
             stats.reason = "stalled"
             self._log.warning("peer stalled mid-request", have=self._slot.fields[slot.HAVE])
-        except BlockingIOError:  # SO_SNDTIMEO: a reply could not be sent for that long
+        except BlockingIOError:  # the peer took none of a reply for request_timeout
             stats.reason = "peer not reading"
             self._log.warning("peer not reading its replies")
         except p.FatalProtocolError as e:
@@ -530,6 +590,7 @@ class Server:
         fd: cython.int = sock.fileno()
         receive = self._receive
         counting: cython.bint = self._counting
+        send_timeout: cython.longlong = int(self._request_timeout * 1e9)  # ns
         area: cython.ulonglong[::1] = self._slot.metrics
         bounds: cython.longlong[::1] = _DURATION_BOUNDS
         classes: cython.uchar[::1] = _ERRNO_CLASSES
@@ -609,7 +670,7 @@ class Server:
             # system call is the one window where the master cannot tell sent from unsent.
             if code in (T_OPEN, T_CREATE) and not err:
                 try:
-                    _send_fd(sock, fd, result, fields)  # stores REPLY_READY, then sends
+                    _send_fd(sock, fd, result, fields, send_timeout)  # REPLY_READY, send
                 finally:
                     os.close(result)  # the client has its own copy (or none: not sent)
             else:
@@ -617,7 +678,7 @@ class Server:
                     is_fd = code in (T_OPEN, T_CREATE)
                     result = p.encode_fd_reply(-err) if is_fd else p.encode_error(err)
                 fields[PHASE] = REPLY_READY
-                _send_all(sock, fd, result)
+                _send_all(sock, fd, result, send_timeout)
             logged = audit or (err and self._refusal)
 
             # Back to a request boundary at once (the master's view of a death is

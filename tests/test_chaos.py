@@ -323,10 +323,11 @@ def client_main(
 EXECUTING, REPLYING, ANYWHERE = "executing", "replying", "anywhere"
 FATES_OF_AIM = {EXECUTING: EXECUTING_FATES, REPLYING: REPLYING_FATES}
 # x86-64 system calls (asm/unistd_64.h) of a reply: send(2) (sendto) and the fd reply's
-# sendmsg(2), both with MSG_NOSIGNAL on the connection (proxyd/server.py); the channel to
-# the master is written without flags, and a log file with write(2).
+# sendmsg(2), both with MSG_NOSIGNAL | MSG_DONTWAIT on the connection (proxyd/server.py);
+# the channel to the master is written without flags, a syslog socket with MSG_DONTWAIT
+# alone, and a log file with write(2).
 SYS_SENDTO, SYS_SENDMSG = "44", "46"
-MSG_NOSIGNAL = 0x4000
+REPLY_FLAGS = 0x4000 | 0x40  # MSG_NOSIGNAL | MSG_DONTWAIT
 
 
 @dataclass
@@ -376,9 +377,9 @@ def reached(aim: str, call: list[str]) -> bool:
     if aim == EXECUTING:
         return call[0] in REQUEST_CALLS
     if call[0] == SYS_SENDTO:  # sendto(fd, buf, len, flags, addr, addrlen)
-        return int(call[4], 16) == MSG_NOSIGNAL
+        return int(call[4], 16) == REPLY_FLAGS
     if call[0] == SYS_SENDMSG:  # sendmsg(fd, msg, flags)
-        return int(call[3], 16) == MSG_NOSIGNAL
+        return int(call[3], 16) == REPLY_FLAGS
     return False
 
 

@@ -215,7 +215,10 @@ def fd_count(pid: int) -> int:
 
 
 def blocked_in_send(pid: int) -> bool:
-    return "send" in Path(f"/proc/{pid}/wchan").read_text()
+    """Waiting for the peer to take a reply: in poll(2) for POLLOUT after a send(2)
+    that could not go out (server._send_all), or in a blocking send of an older proxyd."""
+    syscall = Path(f"/proc/{pid}/syscall").read_text().split()
+    return bool(syscall) and syscall[0] in ("7", "44", "46")  # poll, sendto, sendmsg (x86-64)
 
 
 class LogTail:
@@ -623,8 +626,12 @@ SOL_SOCKET, SO_RCVTIMEO = 1, 20
 
 
 def _switches(pid: int) -> int:
-    """Context switches of `pid` so far: a process blocked in a call makes none."""
-    status = Path(f"/proc/{pid}/status").read_text()
+    """Context switches of `pid` so far (a process blocked in a call makes none); -1
+    once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return -1
     return sum(int(v) for k, v in re.findall(r"^(\w*ctxt_switches):\s+(\d+)$", status, re.M))
 
 
@@ -807,6 +814,43 @@ def test_peer_that_neither_reads_nor_closes_is_cut_off(tmp_path: Path) -> None:
         d.wait_event("connection closed", timeout=5.0, conn=conn, reason="peer not reading")
         d.wait_event("peer not reading its replies", conn=conn)
         wait_until(lambda: f"conn={conn} " not in title(worker) + " ", 5, "the worker freed")
+
+
+def test_a_peer_not_reading_is_cut_off_however_often_the_master_wakes_its_worker(
+    tmp_path: Path,
+) -> None:
+    """request_timeout after its reply stopped going out, a peer that reads nothing is
+    cut off, even while log reopens (SIGUSR1) make the master wake that busy worker
+    again and again: a wake-up must not start the wait over (a send with a timeout is
+    not restarted, SA_RESTART or not), nor leave the worker to the watchdog's SIGABRT
+    (twice request_timeout with a reply unsent). Found by a review of the wake-up."""
+    timeout = 2.0
+    log_file = tmp_path / "proxyd.json"
+    with start(tmp_path, request_timeout=timeout, stop_timeout=1.0, log_file=str(log_file)) as d:
+        hog, conn = connect(d)
+        worker = d.serving_worker(conn)
+        flood(hog, quiet=0.3)
+        wait_until(lambda: blocked_in_send(worker), 5, "the worker blocked sending a reply")
+        blocked_at = time.monotonic()
+        wakes = 0
+        # Each reopen: the master stores a new LOG_EPOCH and sends WAKE_SIGNAL; the next
+        # once this one reached the worker (it ran) and the master logged it. A loaded
+        # machine can only make them fewer.
+        while not d.events("peer not reading its replies", conn=conn):
+            if time.monotonic() > blocked_at + 3 * timeout or d.events("worker died"):
+                break
+            before = _switches(worker)
+            d.signal(signal.SIGUSR1)
+            wakes += 1
+            wait_until(lambda n=wakes: len(d.events("log reopened")) >= n, what="the reopen")
+            wait_until(lambda b=before: _switches(worker) != b, what="the wake-up delivered")
+        waited = time.monotonic() - blocked_at
+        died = [e["event"] for e in d.events() if "kill" in e["event"] or "died" in e["event"]]
+        assert not died, f"{died} {waited:.1f} s after the worker blocked, woken {wakes} times"
+        assert d.events("peer not reading its replies", conn=conn), (
+            f"not cut off {waited:.1f} s after the worker blocked sending, woken {wakes} times"
+        )
+        assert wakes > 1, wakes  # the wake-ups did land in the wait
 
 
 # --- 3. resource limits ---------------------------------------------------------------------
