@@ -49,6 +49,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import stat
 import threading
 import time
@@ -327,7 +328,7 @@ FATES_OF_AIM = {EXECUTING: EXECUTING_FATES, REPLYING: REPLYING_FATES}
 # the channel to the master is written without flags, a syslog socket with MSG_DONTWAIT
 # alone, and a log file with write(2).
 SYS_SENDTO, SYS_SENDMSG = "44", "46"
-REPLY_FLAGS = 0x4000 | 0x40  # MSG_NOSIGNAL | MSG_DONTWAIT
+REPLY_FLAGS = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT
 
 
 @dataclass

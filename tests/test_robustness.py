@@ -53,7 +53,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxyd import server, slot
-from tests.daemon import Daemon, children, title, wait_until, write_config
+from tests.daemon import Daemon, children, syscall, title, wait_until, write_config
 from tests.proxyclient import (
     CHECKOUT,
     CHMOD,
@@ -217,8 +217,7 @@ def fd_count(pid: int) -> int:
 def blocked_in_send(pid: int) -> bool:
     """Waiting for the peer to take a reply: in poll(2) for POLLOUT after a send(2)
     that could not go out (server._send_all), or in a blocking send of an older proxyd."""
-    syscall = Path(f"/proc/{pid}/syscall").read_text().split()
-    return bool(syscall) and syscall[0] in ("7", "44", "46")  # poll, sendto, sendmsg (x86-64)
+    return syscall(pid) in (7, 44, 46)  # poll, sendto, sendmsg (x86-64)
 
 
 class LogTail:
@@ -622,7 +621,6 @@ def test_non_utf8_names_work_and_are_logged_escaped(shared: Daemon) -> None:
 # --- a quiet connection: no timer armed, woken by the master (proxyd/server.py) --------
 
 SYS_SETSOCKOPT = 54  # x86-64
-SOL_SOCKET, SO_RCVTIMEO = 1, 20
 
 
 def _switches(pid: int) -> int:
@@ -638,7 +636,7 @@ def _switches(pid: int) -> int:
 def _waiting(pid: int) -> bool:
     """Blocked in recvfrom(2), not held by a tracer."""
     state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    return state == "S" and Path(f"/proc/{pid}/syscall").read_text().split()[0] == "45"
+    return state == "S" and syscall(pid) == SYS_RECVFROM
 
 
 def test_the_last_of_a_stall_allowance_is_still_a_timeout() -> None:
@@ -648,7 +646,7 @@ def test_the_last_of_a_stall_allowance_is_still_a_timeout() -> None:
     with ours, theirs:
         for seconds, none in ((1e-9, False), (0.25, False), (3.0, False), (0, True)):
             server._set_receive_timeout(ours, seconds)
-            raw = ours.getsockopt(SOL_SOCKET, SO_RCVTIMEO, struct.calcsize("@ll"))
+            raw = ours.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.calcsize("@ll"))
             assert (struct.unpack("@ll", raw) == (0, 0)) == none, (seconds, raw)
 
 
@@ -692,7 +690,7 @@ def test_the_masters_wake_up_is_never_lost(tmp_path: Path, window: str) -> None:
             cleared = tracer.until(
                 SYS_SETSOCKOPT, entry=True, where=lambda s: s.args[0] == woken.args[0]
             )
-            assert cleared.args[1:3] == (SOL_SOCKET, SO_RCVTIMEO), cleared
+            assert cleared.args[1:3] == (socket.SOL_SOCKET, socket.SO_RCVTIMEO), cleared
             tracer.until(SYS_RECVFROM, entry=True)  # waiting again, with no timeout
             if window == "in its recv":
                 waker.join()
