@@ -139,6 +139,7 @@ class Master:
         self.recovery = recovery.Recovery(
             self.selector, self.log, self.counters, self._hand_on, self._close_connection
         )
+        self.recovery.audit = config.audit
         self.refusals = admission.Refusals(self.log)
         # Prometheus metrics (proxyd/metrics.py); the collaborators count into it too.
         self.metrics = metrics.Metrics(self, metrics_listener)
@@ -375,6 +376,7 @@ class Master:
             self.counters["reloads_refused"] += 1
             return str(e)
         old, self.config = self.config, new
+        self.recovery.audit = new.audit
         log.configure(new.log_format, new.log_level, on_blocked=new.on_log_blocked)
         self._set_log(log.get(role="master"))
         if new.log_file != old.log_file:

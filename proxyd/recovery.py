@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxyd import protocol as p
-from proxyd import slot
+from proxyd import server, slot
 from proxyd.metrics import Events
 from proxyd.pool import Connection, Worker
 from proxyd.slot import Slot
@@ -57,6 +57,7 @@ class Verdict:
     executed: str | None = None
     prefix: bytes = b""  # request bytes a fresh worker must start from
     again: bool = False  # the request was executed and will be executed once more
+    request: bytes = b""  # the request executing or replying (header and payload)
 
     @property
     def op(self) -> str | None:
@@ -123,11 +124,11 @@ def judge(journal: Slot, sock: socket.socket, retry: bool = True) -> Verdict:
     if phase == slot.EXECUTING:
         if retry and changes_nothing(code, request[p.HEADER_SIZE :]):
             outcome = "request executed again"
-            return Verdict(HAND_ON, outcome, code, executed, request + rest, again=True)
-        return Verdict(ANSWER_EIO, "answered EIO", code, executed, rest)
+            return Verdict(HAND_ON, outcome, code, executed, request + rest, True, request)
+        return Verdict(ANSWER_EIO, "answered EIO", code, executed, rest, request=request)
     if queued(sock, SIOCOUTQ) > 0 or queued(sock, SIOCINQ) > 0:
-        return Verdict(HAND_ON, "reply had been sent", code, executed, rest)
-    return Verdict(AWAIT_NEXT, "reply state unknown", code, executed, rest)
+        return Verdict(HAND_ON, "reply had been sent", code, executed, rest, request=request)
+    return Verdict(AWAIT_NEXT, "reply state unknown", code, executed, rest, request=request)
 
 
 def _judge_receiving(journal: Slot, code: int, have: int) -> Verdict:
@@ -259,6 +260,10 @@ class Recovery:
         self._close = close
         self.undecided: dict[int, tuple[Connection, str | None, float]] = {}
         self.metrics = Events()  # the master's (proxyd/metrics.py)
+        self.audit = "none"  # the audit level in force (the master sets it)
+        # Per connection: the audit fields of the request its worker died executing or
+        # replying, for the `crash recovery` line (the worker never wrote its op event).
+        self._cut_short: dict[int, dict[str, Any]] = {}
 
     def worker_died(self, w: Worker, conn: Connection, asked_to_leave: bool = False) -> None:
         """Act on the verdict for `conn`, whose worker `w` died: hand it to a fresh
@@ -279,6 +284,8 @@ class Recovery:
             return
         if verdict.again:
             conn.requests -= 1  # counted again when it runs again
+        elif verdict.request:  # its op event is never written: the recovery line says it
+            self._cut_short[conn.id] = server.cut_short_fields(verdict.request, self.audit)
         conn.prefix = verdict.prefix
         if verdict.action == HAND_ON:
             self._recovered(conn, verdict.op, verdict.outcome)
@@ -369,7 +376,14 @@ class Recovery:
     def _recovered(self, conn: Connection, op: str | None, outcome: str) -> None:
         self._counters["recoveries"] += 1
         self.metrics.recovered(conn.export, outcome)
-        self.log.warning("crash recovery", export=conn.export, conn=conn.id, op=op, outcome=outcome)
+        self.log.warning(
+            "crash recovery",
+            export=conn.export,
+            conn=conn.id,
+            op=op,
+            outcome=outcome,
+            **self._cut_short.pop(conn.id, {}),
+        )
         self._hand_on(conn)
 
     def _reply_was_read(self, conn: Connection) -> None:
@@ -386,6 +400,7 @@ class Recovery:
             conn=conn.id,
             op=op,
             detail=detail,
+            **self._cut_short.pop(conn.id, {}),
         )
         self._close(conn, "crash, reply state unknown")
 

@@ -781,6 +781,28 @@ def audited_codes(audit: str) -> list[int]:
     return table
 
 
+def cut_short_fields(request: bytes, audit: str) -> dict[str, Any]:
+    """The fields (`path`, `flags`, `mode`, `uid`, ...) the `op` event of `request`
+    (its header and payload, as a worker's journal holds them) would have carried
+    besides `op` and `result`, where audit level `audit` logs that request: a worker
+    that died executing or replying never wrote it, and the master's `crash recovery`
+    line carries them instead (docs/events.md). uid/gid as the guest sent them. {}
+    where the level does not log the request, or its payload does not decode."""
+    code, size = p.HEADER.unpack_from(request)
+    table = audited_codes(audit)
+    audited = table[code] if code < len(table) else AUDIT_NEVER
+    if audited == AUDIT_NEVER:
+        return {}
+    try:
+        fields = audit_fields(code, request[p.HEADER_SIZE : p.HEADER_SIZE + size])
+    except p.MalformedRequest:
+        return {}
+    if not fields.pop("writing", True) and audited == AUDIT_IF_WRITING:
+        return {}  # a read-only OPEN at "mutations"
+    del fields["op"]
+    return fields
+
+
 def _ids(uid: int, gid: int) -> dict[str, int]:
     return {"uid": uid, "gid": gid}
 

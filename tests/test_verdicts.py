@@ -291,7 +291,28 @@ def test_executing_a_request_that_may_change_the_export_is_answered_eio(
     else:
         assert errno_of(client.recv_header_reply("status")) == errno.EIO
     assert (export(daemon) / "new").exists() is not entry  # made or not: EIO says "maybe"
+    # The worker never wrote this mutation's op event (audit = mutations): the
+    # recovery line names what may have changed, with the fields the op event has.
+    (event,) = daemon.events("crash recovery", conn=conn)
+    assert event["path"] == "/new" and event["uid"] == 0 and event["gid"] == 0, event
+    assert event["mode"] == ("0o755" if op == "mkdir" else "0o644"), event
+    assert event.get("flags") == (None if op == "mkdir" else "O_RDWR|O_CREAT"), event
     goes_on(daemon, client, conn, victim)
+
+
+def test_request_cut_short_is_named_only_where_the_audit_level_logs_it(tmp_path: Path) -> None:
+    """audit = none: the recovery line of a mutation answered EIO names the op and no
+    path (the host chose not to log what guests touch)."""
+    with Daemon(tmp_path, [{"name": "a", "min_idle": 1}], audit="none") as d:
+        client, conn, victim = serve(d)
+        with held_waiting(victim) as worker:
+            client.send_raw(request(MKDIR, "ddsd", 0, 0, "/new", 0o755))
+            worker.until(SYS_MKDIR, entry=False, not_past=SENDS)
+            worker.kill()
+        recovered(d, conn, victim, "answered EIO", "mkdir")
+        assert errno_of(client.recv_header_reply("status")) == errno.EIO
+        (event,) = d.events("crash recovery", conn=conn)
+        assert "path" not in event and "mode" not in event, event
 
 
 # --- sending a reply ------------------------------------------------------------------------
