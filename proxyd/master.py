@@ -259,7 +259,7 @@ class Master:
                 # Stuck setting up its sandbox (a hung mount of the export, say): a
                 # failed start like any other once it is reaped.
                 self.log.warning("worker start timed out", export=w.pool.name, worker_pid=w.pid)
-                self._kill(w, signal.SIGKILL)
+                w.signal(signal.SIGKILL)
         self.recovery.expire(now, stopping=self.stop_deadline is not None)
         if self.control is not None:
             self.control.expire(now)
@@ -324,7 +324,7 @@ class Master:
         if self.stop_deadline is None:
             self._begin_stop("quit")
         for w in self.workers.values():
-            self._kill(w, signal.SIGKILL)
+            w.signal(signal.SIGKILL)
         self.stop_deadline = time.monotonic()
 
     def handle_hup(self) -> None:
@@ -458,7 +458,7 @@ class Master:
             # Then tell a busy worker to look at its channel (after the send, so it finds it).
             w.journal.fields[slot.LOG_EPOCH] += 1
             if w.conn is not None:  # serving: blocked on its connection, not the channel
-                self._kill(w, slot.WAKE_SIGNAL)
+                w.signal(slot.WAKE_SIGNAL)
         self.counters["log_reopens"] += 1
         self.log.info("log reopened", log_file=path, workers=len(self.workers))
 
@@ -672,7 +672,7 @@ class Master:
             w.state = RETIRING
         elif w.state == BUSY:
             w.journal.fields[slot.COMMAND] = slot.RETIRE
-            self._kill(w, slot.WAKE_SIGNAL)
+            w.signal(slot.WAKE_SIGNAL)
             w.state = RETIRING
 
     def _forget_channel(self, w: Worker) -> None:
@@ -681,9 +681,6 @@ class Master:
             self.selector.unregister(w.channel)
             w.channel.close()
             w.channel = None
-
-    def _kill(self, w: Worker, sig: int) -> None:
-        w.signal(sig)
 
     # --- messages from workers --------------------------------------------------------------
 
@@ -713,7 +710,7 @@ class Master:
         its death is then recovered like any other (the guest keeps its mount)."""
         self.counters["bad_worker_messages"] += 1
         self.log.warning("bad message from worker", export=w.pool.name, worker_pid=w.pid, error=why)
-        self._kill(w, signal.SIGKILL)
+        w.signal(signal.SIGKILL)
         self._forget_channel(w)
 
     def _worker_ready(self, w: Worker) -> None:
@@ -910,7 +907,7 @@ class Master:
     def _shutdown(self) -> None:
         for w in list(self.workers.values()):
             self.log.warning("killing worker still running at stop", worker_pid=w.pid)
-            self._kill(w, signal.SIGKILL)
+            w.signal(signal.SIGKILL)
         for w in list(self.workers.values()):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(w.pid, 0)

@@ -251,6 +251,7 @@ def _send_fd(
     message is built first; then REPLY_READY is stored in the journal and at once the
     call made (never blocking: while the peer takes nothing, _wait_to_send). Raises
     OSError: BlockingIOError when the peer took nothing for `timeout` ns."""
+    deadline: cython.longlong = 0  # while the peer takes nothing: by when it must (ns)
     if cython.compiled:
         value: cython.int = _FD_VALID
         iov = cython.declare(iovec)
@@ -269,7 +270,6 @@ def _send_fd(
         cmsg.cmsg_type = SCM_RIGHTS
         cmsg.cmsg_len = CMSG_LEN(cython.sizeof(cython.int))
         memcpy(CMSG_DATA(cmsg), cython.address(fd), cython.sizeof(cython.int))
-        deadline: cython.longlong = 0
         fields[_PHASE] = _REPLY_READY
         while sendmsg(conn, cython.address(msg), MSG_NOSIGNAL | MSG_DONTWAIT) < 0:
             err = c_errno
@@ -282,13 +282,14 @@ def _send_fd(
         return 0
     rights = [(_SOL_SOCKET, _SCM_RIGHTS, p.FD_REPLY.pack(fd))]
     fields[_PHASE] = _REPLY_READY
-    until = _now() + timeout
     while True:
         try:
             sock.sendmsg(_FD_VALID_BUFFERS, rights, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
             return 0
         except BlockingIOError:
-            _wait_to_send(sock, conn, until)
+            if not deadline:
+                deadline = _now() + timeout
+            _wait_to_send(sock, conn, deadline)
 
 
 @cython.cfunc
@@ -402,7 +403,6 @@ class _Stalled(Exception):
 # never lost, whether it comes before the call or during it. With part of a request
 # received, the timeout is request_timeout (a peer stalled mid-request).
 WAKE_SIGNAL = slot.WAKE_SIGNAL
-_NO_TIMEOUT = struct.pack("@ll", 0, 0)
 _wake_fd = cython.declare(cython.int, -1)  # the connection being served, else -1
 _wake_sock: socket.socket | None = None  # the same, interpreted
 
@@ -435,7 +435,7 @@ def install_wake_handler() -> None:
 
     def on_wake(_sig: int, _frame: object) -> None:  # runs between bytecodes: recv EINTRs
         if _wake_sock is not None:
-            _wake_sock.setsockopt(_SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 0, 1))
+            _set_receive_timeout(_wake_sock, 1e-6)
 
     signal.signal(WAKE_SIGNAL, on_wake)
 
@@ -505,7 +505,7 @@ class Server:
         from a worker that died while receiving it). The master logs the closing.
         """
         stats = ConnectionStats()
-        sock.setsockopt(_SOL_SOCKET, socket.SO_RCVTIMEO, _NO_TIMEOUT)
+        _set_receive_timeout(sock, 0)
         _watch(sock)
         try:
             self._loop(sock, stats)
