@@ -45,6 +45,9 @@ _PROBE_BYTES = 1 << 20  # how far into an input to look for its first timestamp
 _RELATIVE = re.compile(r"(\d+)([smhd])")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SLASHES = re.compile("/{2,}")
+# The master's lines for a request whose worker died before writing its op event; where
+# the audit level logs that request they carry its fields, path included (events.md).
+_CUT_SHORT_EVENTS = ("crash recovery", "connection closed after a crash: reply state unknown")
 _PATH_WIDTH = 48  # per path in the table; longer ones lose their middle
 _TABLE_AHEAD = 1000  # rows read before the column widths are fixed (they only grow after)
 
@@ -106,6 +109,8 @@ def _parser() -> _Parser:
         epilog="TIME is ISO 8601 (2026-11-27T11:30:00Z; without an offset it is UTC) or a "
         "duration before now (30s, 15m, 2h, 1d). --since is inclusive, --until exclusive. "
         "LEVEL is debug, info, warning, error or critical. In --path, // counts as /. "
+        "--op and --path also match the master's crash recovery line that names a request "
+        "its worker died executing (it may or may not have happened: no op event says). "
         "Exit status: 0 when it ran (matches or not), 1 when an input cannot be read, "
         "2 for bad arguments.",
     )
@@ -278,7 +283,7 @@ class Query:
     def matches(self, event: Event, t: datetime) -> bool:
         if (self.since and t < self.since) or (self.until and t >= self.until):
             return False
-        if self.ops_only and event["event"] != "op":
+        if self.ops_only and not _names_request(event):
             return False
         if self.events and event["event"] not in self.events:
             return False
@@ -302,6 +307,12 @@ class Query:
             if not isinstance(level, str) or _RANK.get(level, -1) < self.level:
                 return False
         return True
+
+
+def _names_request(event: Event) -> bool:
+    """An op event, or the master's line for a request cut short that names it: the
+    request may or may not have happened, and no op event says so."""
+    return event["event"] == "op" or (event["event"] in _CUT_SHORT_EVENTS and "path" in event)
 
 
 def _has_path(event: Event, prefix: str) -> bool:
@@ -387,7 +398,7 @@ def table_row(event: Event, t: datetime) -> list[str]:
         _text(event.get("peer_uid")),
         _text(event.get("op") if is_op else event["event"]),
         path,
-        _text(event.get("result")),
+        _text(event.get("result", event.get("outcome"))),  # a recovery's outcome
         _text(event.get("dur_us")),
     ]
 

@@ -273,6 +273,38 @@ def test_op_means_op_events_only(query, logs):
     assert [e["path"] for e in events] == ["//home/alice/src", "/srv/data/b"]
 
 
+def test_a_request_cut_short_is_found_by_its_op_and_path(audit, query, tmp_path):
+    """The master's line for a mutation whose worker died (it may have happened) names
+    its path where the audit level logs it: --path and --op find it beside the op
+    events, the table shows its outcome; a recovery line without a path is no match."""
+    log = tmp_path / "proxyd.log"
+    log.write_bytes(
+        op("12:00:00.000000", "vm1/3/1000", "create", "//home/alice/a.c", mode="0o644")
+        + master("12:00:01.000000", "crash recovery", "warning", **RECOVERY)
+        + master(
+            "12:00:02.000000",
+            "crash recovery",
+            "warning",
+            **{**RECOVERY, "conn": 3, "outcome": "answered EIO"},
+            path="//home/alice/b.c",
+            flags="O_RDWR|O_CREAT",
+            mode="0o644",
+            uid=1000,
+            gid=1000,
+        )
+        + op("12:00:03.000000", "vm1/3/1000", "remove", "//home/alice/b.c", "ENOENT")
+    )
+    found = query("--path", "/home/alice/b.c", str(log))
+    assert [(e["event"], e.get("op")) for e in found] == [
+        ("crash recovery", "create"),
+        ("op", "remove"),
+    ]
+    assert [e["event"] for e in query("--op", "create", str(log))] == ["op", "crash recovery"]
+    code, out, _ = audit("--path", "/home/alice/b.c", str(log))
+    assert code == 0
+    assert "crash recovery //home/alice/b.c answered EIO" in " ".join(out.split())
+
+
 def test_result_and_errors(query, logs):
     assert [e["path"] for e in query("--result", "enoent", *logs)] == ["//home/alice/old.txt"]
     assert [e["result"] for e in query("--errors", *logs)] == ["ENOENT", "EACCES", "ENXIO", "EIO"]
@@ -364,7 +396,7 @@ def test_table_lifecycle_rows_and_long_paths(audit, logs):
     assert cells(out) == [
         "TIME LEVEL EXPORT CONN PEER_UID EVENT PATH RESULT DUR_US",
         "2026-11-27T11:30:03.000Z warning vm1 2 - worker died - - -",
-        "2026-11-27T11:30:04.000Z warning vm1 2 - crash recovery - - -",
+        "2026-11-27T11:30:04.000Z warning vm1 2 - crash recovery - answered EIO -",
         f"2026-11-27T11:30:05.000Z info vm1 2 1000 create {short} EIO 100",
         "2026-11-27T11:30:08.000Z info vm1 2 - connection closed - - -",
     ]
