@@ -175,10 +175,16 @@ def _recv(
 
 
 @cython.cfunc
-def _wait_to_send(sock: socket.socket, fd: cython.int, deadline: cython.longlong) -> cython.int:
+def _wait_to_send(
+    sock: socket.socket, fd: cython.int, deadline: cython.longlong, timeout: cython.longlong
+) -> cython.longlong:
     """Wait until the connection takes more (poll(2), POLLOUT) or `deadline` (monotonic
-    ns) passes. A signal (the master's wake-up) only makes it look again: the deadline
-    stays where it was. Raises BlockingIOError at the deadline, OSError."""
+    ns; 0: none yet, it becomes `timeout` ns from now) passes; return the deadline, for
+    the next wait until the peer takes something. A signal (the master's wake-up) only
+    makes it look again: the deadline stays where it was. Raises BlockingIOError at the
+    deadline, OSError."""
+    if not deadline:
+        deadline = _now() + timeout
     while True:
         left: cython.longlong = deadline - _now()
         if left <= 0:
@@ -191,14 +197,14 @@ def _wait_to_send(sock: socket.socket, fd: cython.int, deadline: cython.longlong
             entry.revents = 0
             ready: cython.int = poll(cython.address(entry), 1, ms)
             if ready > 0:
-                return 0
+                return deadline
             if ready < 0 and c_errno != EINTR:
                 raise OSError(c_errno, os.strerror(c_errno))
         else:
             waiting = select.poll()
             waiting.register(sock, select.POLLOUT)
             if waiting.poll(ms):  # EINTR: retried by Python with the time left (PEP 475)
-                return 0
+                return deadline
 
 
 @cython.cfunc
@@ -230,9 +236,7 @@ def _send_all(
             left -= n
             deadline = 0
         elif err == errno.EAGAIN:
-            if not deadline:
-                deadline = _now() + timeout
-            _wait_to_send(sock, fd, deadline)
+            deadline = _wait_to_send(sock, fd, deadline, timeout)
         elif err != errno.EINTR:
             raise OSError(err, os.strerror(err))
     return 0
@@ -274,9 +278,7 @@ def _send_fd(
         while sendmsg(conn, cython.address(msg), MSG_NOSIGNAL | MSG_DONTWAIT) < 0:
             err = c_errno
             if err == EAGAIN:
-                if not deadline:
-                    deadline = _now() + timeout
-                _wait_to_send(sock, conn, deadline)
+                deadline = _wait_to_send(sock, conn, deadline, timeout)
             elif err != EINTR:
                 raise OSError(err, os.strerror(err))
         return 0
@@ -287,9 +289,7 @@ def _send_fd(
             sock.sendmsg(_FD_VALID_BUFFERS, rights, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
             return 0
         except BlockingIOError:
-            if not deadline:
-                deadline = _now() + timeout
-            _wait_to_send(sock, conn, deadline)
+            deadline = _wait_to_send(sock, conn, deadline, timeout)
 
 
 @cython.cfunc
