@@ -111,7 +111,7 @@ def _serialize(event: dict[str, Any]) -> bytes:
     # all, are that; cleaning them field by field cost as much as rendering them.
     try:
         line = orjson.dumps(event, option=_ORJSON_PLAIN)
-        if line.isascii() and b"\\" not in line and b"\x7f" not in line:
+        if _plain(line):
             return line
     except TypeError:  # not JSON's own types: _clean writes them as strings
         pass
@@ -219,6 +219,7 @@ _identity: dict[str, Any] = {"role": "master"}  # the fields of the sink's own w
 _processors: list[Any] = []
 _wrapper: Any = None
 _min_level = logging.INFO  # the configured level, as a number
+_json = True  # the configured format is JSON (op lines may take the short way)
 # A new process (a worker) starts with nothing held and nothing counted.
 os.register_at_fork(after_in_child=lambda: _sink.forked())
 
@@ -231,17 +232,26 @@ def _timestamp(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-_second = (-1, "")  # the last second _now_utc formatted, and how
+# The last second formatted: its number, its date and time as the `timestamp` field
+# writes them, and an op line's tail up to the fraction of that second (_op_line).
+_OP_TAIL = b'"event":"op","level":"info","timestamp":"'
+_second: tuple[int, str, bytes] = (-1, "", b"")
+
+
+def _tick(seconds: int) -> tuple[int, str, bytes]:
+    """_second for `seconds` since the epoch: formatted once per second (a busy
+    worker writes thousands of lines in one)."""
+    global _second
+    if seconds != _second[0]:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _second = (seconds, text, _OP_TAIL + text.encode() + b".")
+    return _second
 
 
 def _now_utc() -> str:
-    """Now as the `timestamp` field writes it; the date and time to the second are
-    formatted once per second (a busy worker writes thousands of lines in one)."""
-    global _second
-    seconds, ns = divmod(time.time_ns(), 1_000_000_000)
-    if seconds != _second[0]:
-        _second = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
-    return f"{_second[1]}.{ns // 1000:06d}Z"
+    """Now as the `timestamp` field writes it."""
+    us = time.time_ns() // 1000
+    return f"{_tick(us // 1_000_000)[1]}.{us % 1_000_000:06d}Z"
 
 
 def _utc(t: float) -> str:
@@ -279,7 +289,7 @@ def configure(
     and counted) or "wait" (the process waits for it). `identity`: the fields (role,
     export, worker) of the sink's own `log lines dropped` warning; None keeps them.
     """
-    global _sink, _identity, _processors, _wrapper, _min_level
+    global _sink, _identity, _processors, _wrapper, _min_level, _json, _op_context
     if destination is not None:
         _sink = destination
     if identity is not None:
@@ -287,6 +297,8 @@ def configure(
     _sink.wait = on_blocked == "wait"
     _sink.report = _report_dropped
     render = _render_console if fmt == "console" else _serialize
+    _json = fmt == "json"
+    _op_context = _NO_CONTEXT
     _processors = [
         structlog.processors.add_log_level,
         _timestamp,
@@ -417,7 +429,13 @@ def op(logger: Any, fields: dict[str, Any], refused: str | None = None) -> None:
     level, number = ("warning", logging.WARNING) if refused else ("info", logging.INFO)
     if number < _min_level:
         return
-    event = structlog.get_context(logger).copy()
+    context = structlog.get_context(logger)
+    if not refused and _json and not _sink.syslog:
+        line = _op_line(context, fields)
+        if line is not None:
+            _sink.write(line)
+            return
+    event = context.copy()
     if refused:
         event["refused"] = refused
     event.update(fields)
@@ -425,6 +443,63 @@ def op(logger: Any, fields: dict[str, Any], refused: str | None = None) -> None:
     for processor in _processors:
         event = processor(_WRITER, level, event)
     getattr(_WRITER, level)(event)
+
+
+# The context whose JSON _op_line last rendered: (context, its members as JSON or None
+# where the long way must clean them, the keys a field must not have: the context's and
+# those the processors add). Contexts are not changed once
+# bound (bind makes a new one), so the same object renders the same members.
+_OWN_KEYS = frozenset(("event", "level", "timestamp", "exc_info", "refused"))
+_NO_CONTEXT: tuple[Any, bytes | None, frozenset[str]] = (None, None, _OWN_KEYS)
+_op_context = _NO_CONTEXT
+
+
+def _op_line(context: dict[str, Any], fields: dict[str, Any]) -> bytes | None:
+    """The info `op` line (newline included) exactly as the processors would write it
+    in JSON, without them: the context's members rendered once per context, the
+    fields by orjson, then `event`, `level` and `timestamp` in the processors' order.
+    None where the long way must run: a context or field that needs escaping or is
+    not JSON's own type, a field named as a context member, a line to cut.
+
+    An audit line at audit = mutations comes after requests that wrote none, with the
+    processors' code out of the caches: this way touches less (tests/test_log_sinks.py
+    checks that both ways write the same bytes)."""
+    global _op_context
+    if _op_context[0] is not context:
+        try:
+            members = orjson.dumps(context, option=_ORJSON_PLAIN)[1:-1]
+        except TypeError:
+            members = None
+        if members is not None and not (_plain(members) and _OWN_KEYS.isdisjoint(context)):
+            members = None
+        _op_context = (context, members, _OWN_KEYS.union(context))
+    _, members, keys = _op_context
+    if members is None or not keys.isdisjoint(fields):
+        return None
+    try:
+        rendered = orjson.dumps(fields, option=_ORJSON_PLAIN)[1:-1]
+    except TypeError:
+        return None
+    if not (rendered.isascii() and b"\\" not in rendered and b"\x7f" not in rendered):
+        return None  # (_plain, inline: this is every audited request's path)
+    us = time.time_ns() // 1000
+    line = b"".join(
+        (
+            b"{",
+            members,
+            b"," if members and rendered else b"",
+            rendered,
+            b"," if members or rendered else b"",
+            _tick(us // 1_000_000)[2],
+            b'%06dZ"}\n' % (us % 1_000_000),
+        )
+    )
+    return line if len(line) <= LINE_MAX else None  # LINE_MAX with its newline: cut
+
+
+def _plain(rendered: bytes) -> bool:
+    """JSON text holding no string escape() would change (see _serialize)."""
+    return rendered.isascii() and b"\\" not in rendered and b"\x7f" not in rendered
 
 
 def printable(value: bytes) -> str:

@@ -722,7 +722,7 @@ class Server:
             host_ids(fields, *self._id_maps)
         fields["result"] = log.result_name(err)
         if started:
-            fields["dur_us"] = ((ended or time.monotonic_ns()) - started) // 1000
+            fields["dur_us"] = ((ended or _now()) - started) // 1000
         log.op(self._log, fields, refusal)
 
     def _errno_of(self, code: int, e: Exception) -> int:

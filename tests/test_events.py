@@ -19,10 +19,11 @@ from pathlib import Path
 
 import orjson
 import pytest
+import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxyd import log
+from proxyd import log, sink
 from tests.daemon import Daemon, wait_until
 from tests.proxyclient import CHECKOUT, OP_NAMES, ProxyClient, errno_of
 
@@ -317,6 +318,54 @@ def test_a_line_rendered_at_once_is_the_line_cleaned_first(event: dict) -> None:
     except TypeError:
         long_way = json.dumps(cleaned).encode()
     assert log._serialize(dict(event)) == long_way
+
+
+# Keys the processors write themselves and keys a context and fields may share, often.
+_KEYS = st.sampled_from(("event", "level", "timestamp", "refused", "pid", "op")) | st.from_regex(
+    r"[a-z_]{1,12}", fullmatch=True
+)
+
+
+def _both_ways(tmp: Path, context: dict, fields: dict) -> tuple[bytes, bytes]:
+    """The line log.op writes and the line structlog's own `logger.info("op", ...)`
+    writes for the same event, in this process, their time stamps blanked."""
+    out = tmp / "op.log"
+    out.write_bytes(b"")
+    log.configure("json", "info", destination=sink.for_file(os.open(out, os.O_WRONLY)))
+    try:
+        logger = structlog.get_logger().bind(**context)
+        log.op(logger, dict(fields))
+        logger.info("op", **fields)
+    finally:
+        log.configure("json", "info", destination=sink.Sink(2))
+    short, long = out.read_bytes().splitlines()
+    blank = rb'"timestamp": ?"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"'
+    return re.sub(blank, b"", short), re.sub(blank, b"", long)
+
+
+@given(
+    st.dictionaries(_KEYS, _VALUES, max_size=6),
+    st.dictionaries(_KEYS.filter(lambda k: k != "event"), _VALUES, max_size=6),
+)
+def test_an_op_line_written_the_short_way_is_the_line_structlog_writes(
+    tmp_path_factory: pytest.TempPathFactory, context: dict, fields: dict
+) -> None:
+    """log.op renders an op line without structlog's processors where it can (its
+    context once, its fields by orjson): whatever the context and fields hold (strings
+    to escape, ints beyond 64 bits, a field named as a context member, a processor's
+    own key), the line is the one the processors write."""
+    short, long = _both_ways(tmp_path_factory.mktemp("op"), context, fields)
+    assert short == long
+
+
+def test_an_audit_event_takes_the_short_way(tmp_path: Path) -> None:
+    """The worker's context and a request's fields, plain ASCII: rendered without the
+    processors (else the property above would hold of the long way alone)."""
+    context = {"pid": 7, "role": "worker", "export": "e", "worker": 0, "conn": 1}
+    fields = {"op": "chmod", "path": "/a b", "mode": "0o644", "result": "ok", "dur_us": 7}
+    assert log._op_line(context, fields) is not None
+    short, long = _both_ways(tmp_path, context, fields)
+    assert short == long and b'"path":"/a b"' in short
 
 
 _OP_LINES = """
