@@ -7,7 +7,8 @@ the reference helper's (virtfs-proxy-helper), stronger where it is weak:
 * OPEN / CREATE never open anything but a regular file or a directory: the type is
   looked at before the open (so a device's open routine never runs and a FIFO never
   hangs the worker) and again on the opened descriptor. open(2)'s own answer comes
-  first: a special file is refused (ENXIO) only where open(2) would have succeeded.
+  first: a special file is refused (ENXIO) only where open(2) would have got as far as
+  the file's own open.
 * GETVERSION never opens a special file and returns the 32-bit generation
   zero-extended.
 * LSETXATTR refuses a size field that disagrees with the value it came with.
@@ -71,13 +72,15 @@ GETVERSION_FILESYSTEMS = {
 # into a child. Not O_NONBLOCK: it would turn a host lease or delegation (Samba
 # oplocks, knfsd) into EWOULDBLOCK where open(2) waits for the lease to be broken.
 _SAFE_OPEN = cython.declare(cython.int, os.O_NOCTTY | os.O_CLOEXEC)
-_O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY  # __O_TMPFILE
+_O_TMPFILE_BIT = cython.declare(cython.int, os.O_TMPFILE & ~os.O_DIRECTORY)  # __O_TMPFILE
 
 # What the frequent requests test, as C constants when compiled (no attribute lookups).
 _O_PATH = cython.declare(cython.int, os.O_PATH)
 _O_NOFOLLOW = cython.declare(cython.int, os.O_NOFOLLOW)
 _O_CREAT = cython.declare(cython.int, os.O_CREAT)
 _O_TMPFILE = cython.declare(cython.int, os.O_TMPFILE)
+_O_DIRECTORY = cython.declare(cython.int, os.O_DIRECTORY)
+_O_EXCL = cython.declare(cython.int, os.O_EXCL)
 _S_IFMT = cython.declare(cython.uint, 0o170000)
 _S_IFREG = cython.declare(cython.uint, stat.S_IFREG)
 _S_IFDIR = cython.declare(cython.uint, stat.S_IFDIR)
@@ -124,27 +127,21 @@ def _special(mode: cython.uint) -> cython.bint:
     return kind in (_S_IFIFO, _S_IFSOCK, _S_IFCHR, _S_IFBLK)
 
 
-def _open_error_before_special_open(flags: int) -> int:
-    """The errno open(2) gives with `flags` on an existing FIFO, socket or device from
-    the checks it makes before calling that file's own open (fifo_open, a driver's
-    open, a socket's "no_open"); 0 if it gets that far.
+@cython.cfunc
+@cython.inline
+def _stops_before_a_file_open(flags: cython.int) -> cython.bint:
+    """Whether open(2) with `flags` fails on an existing FIFO, socket or device before
+    it calls that file's own open (fifo_open, a driver's open), or opens nothing.
 
-    Linux 6.4 and later (fs/open.c build_open_flags, then fs/namei.c do_open):
-    O_CREAT|O_DIRECTORY is EINVAL, so is an O_TMPFILE that is not exactly O_TMPFILE
-    or opens read-only; O_CREAT|O_EXCL of an existing name is EEXIST; O_DIRECTORY of
-    a non-directory ENOTDIR. Flags only; O_PATH opens never get here.
+    Linux (fs/open.c build_open_flags, then fs/namei.c do_open): O_PATH opens nothing;
+    O_DIRECTORY of a non-directory is ENOTDIR and O_CREAT|O_EXCL of an existing name
+    EEXIST, both before the file's open; an O_TMPFILE bit (O_TMPFILE holds
+    O_DIRECTORY) is ENOTDIR or EINVAL. With these flags open(2) answers for every kind
+    of file itself, and no look before it is needed.
     """
-    if flags & os.O_CREAT and flags & os.O_DIRECTORY:
-        return errno.EINVAL
-    if flags & _O_TMPFILE_BIT and (
-        not flags & os.O_DIRECTORY or flags & os.O_ACCMODE == os.O_RDONLY
-    ):
-        return errno.EINVAL
-    if flags & os.O_CREAT and flags & os.O_EXCL:
-        return errno.EEXIST
-    if flags & os.O_DIRECTORY:
-        return errno.ENOTDIR
-    return 0
+    if flags & (_O_PATH | _O_DIRECTORY | _O_TMPFILE_BIT):
+        return True
+    return (flags & _O_CREAT) != 0 and (flags & _O_EXCL) != 0
 
 
 def _uid(value: int) -> int:
@@ -305,7 +302,8 @@ def statfs_fields(path: bytes) -> tuple[int, ...]:
     )
 
 
-def _open(path: bytes, flags: int, mode: int = 0) -> int:
+@cython.cfunc
+def _open(path: bytes, flags: cython.int, mode: cython.int) -> cython.int:
     """open(2) with _SAFE_OPEN added. Raises OSError; SpecialFileRefused for a device.
 
     The export is bound nodev in the worker, so a device swapped in after the look
@@ -343,20 +341,18 @@ class ExportOps:
     # --- descriptors -----------------------------------------------------------
 
     def _open_checked(self, path: bytes, flags: int, mode: int) -> int:
-        # O_PATH opens nothing (no FIFO wait, no driver, no lease break): open(2) and the
-        # check of the descriptor suffice. Otherwise look first, so that a FIFO or a
-        # device is never opened; what is not there, or is a regular file, a directory
-        # or a symlink, open(2) answers itself.
-        if not flags & _O_PATH:
+        # Look first, so that a FIFO or a device is never opened; what is not there, or
+        # is a regular file, a directory or a symlink, open(2) answers itself. No look
+        # where open(2) never gets as far as a special file's open (O_PATH, O_DIRECTORY,
+        # O_CREAT|O_EXCL): it answers as it would on the host, and a directory's open,
+        # QEMU's opendir, makes one path walk as the reference's does.
+        if not _stops_before_a_file_open(flags):
             try:
                 found = _stat_mode(path, not flags & _O_NOFOLLOW)
             except OSError:
                 pass
             else:
                 if _special(found):
-                    err = _open_error_before_special_open(flags)
-                    if err:
-                        raise OSError(err, os.strerror(err), path)
                     raise SpecialFileRefused(path, found)
         fd = _open(path, flags, mode)
         try:
@@ -583,7 +579,7 @@ class ExportOps:
         found = _stat_mode(path, True)
         if not _servable(found):
             raise SpecialFileRefused(path, found)
-        fd = _open(path, os.O_RDONLY)
+        fd = _open(path, os.O_RDONLY, 0)
         try:
             opened = _fstat_mode(fd)
             if not _servable(opened):

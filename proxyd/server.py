@@ -11,6 +11,7 @@ not compiled.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import os
 import select
@@ -36,6 +37,7 @@ if cython.compiled:
     from cython.cimports.libc.string import memcpy, memset
     from cython.cimports.posix.signal import SA_RESTART, sigaction, sigaction_t, sigemptyset
     from cython.cimports.posix.time import CLOCK_MONOTONIC, clock_gettime, timespec, timeval
+    from cython.cimports.posix.unistd import close as c_close
     from cython.cimports.proxyd._libc import (
         CMSG_DATA,
         CMSG_FIRSTHDR,
@@ -335,6 +337,17 @@ def _clear(buf: cython.uchar[::1], start: cython.Py_ssize_t, end: cython.Py_ssiz
     for i in range(max(start, _HEADER_SIZE), end):
         buf[i] = _FILL
     return 0
+
+
+@cython.cfunc
+def _close(fd: cython.int) -> cython.void:
+    """close(2), its error ignored: Linux frees the descriptor whatever close says, and
+    a sent descriptor's file is the client's now. Compiled: no GIL released and taken."""
+    if cython.compiled:
+        c_close(fd)
+        return
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 @cython.cfunc
@@ -672,7 +685,7 @@ class Server:
                 try:
                     _send_fd(sock, fd, result, fields, send_timeout)  # REPLY_READY, send
                 finally:
-                    os.close(result)  # the client has its own copy (or none: not sent)
+                    _close(result)  # the client has its own copy (or none: not sent)
             else:
                 if err:
                     is_fd = code in (T_OPEN, T_CREATE)
