@@ -358,6 +358,19 @@ def test_an_op_line_written_the_short_way_is_the_line_structlog_writes(
     assert short == long
 
 
+def test_an_op_line_at_the_pipe_limit_is_cut_as_structlog_cuts_it(tmp_path: Path) -> None:
+    """Around LINE_MAX (a line that just fits, one that is one byte too long) the two
+    ways agree: a line that does not fit is cut, its `truncated` field says so."""
+    context = {"pid": 7, "role": "worker"}
+    base = len(log._op_line(context, {"op": "lstat", "path": ""}) or b"")
+    assert base
+    for extra in range(-2, 3):
+        path = "/" * (log.LINE_MAX - base + extra)
+        short, long = _both_ways(tmp_path, context, {"op": "lstat", "path": path})
+        assert short == long and len(short) < log.LINE_MAX
+        assert (b'"truncated"' in short) == (extra > 0), extra
+
+
 def test_an_audit_event_takes_the_short_way(tmp_path: Path) -> None:
     """The worker's context and a request's fields, plain ASCII: rendered without the
     processors (else the property above would hold of the long way alone)."""
