@@ -1,8 +1,9 @@
 """Build of proxyd's compiled request path (everything else is in pyproject.toml).
 
 proxyd/protocol.py, proxyd/ops.py and proxyd/server.py are plain Python (Cython's pure
-Python mode) and the only implementation of the request path; Cython compiles them to
-C extension modules, which Python imports instead of the .py files beside them. Without
+Python mode) and the only implementation of the request path, and proxyd/log.py writes
+each request's audit line; Cython compiles them to C extension modules, which Python
+imports instead of the .py files beside them. Without
 a C compiler or Python's headers the install fails, saying what to install: a proxyd
 serving through the interpreter spends about twice the CPU per request.
 """
@@ -17,7 +18,7 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 from setuptools.errors import CCompilerError, ExecError, PlatformError
 
-COMPILED = ["proxyd/protocol.py", "proxyd/ops.py", "proxyd/server.py"]
+COMPILED = ["proxyd/protocol.py", "proxyd/ops.py", "proxyd/server.py", "proxyd/log.py"]
 
 NO_COMPILER = (
     "proxyd: cannot compile its request path ({error}). It needs a C compiler and the "

@@ -37,7 +37,7 @@ from tests.proxyclient import (
     pack_s,
 )
 
-COMPILED = [proxyd.protocol, proxyd.ops, proxyd.server]
+COMPILED = [proxyd.protocol, proxyd.ops, proxyd.server, log]
 
 
 @pytest.mark.parametrize("module", COMPILED, ids=lambda m: m.__name__)
