@@ -450,8 +450,8 @@ def op(logger: Any, fields: dict[str, Any], refused: str | None = None) -> None:
 
 # The context whose JSON _op_line last rendered: (context, its members as JSON or None
 # where the long way must clean them, the keys a field must not have: the context's and
-# those the processors add). Contexts are not changed once
-# bound (bind makes a new one), so the same object renders the same members.
+# those the processors add). A bound context is never changed (bind makes a new one),
+# so the same object renders the same members; holding it keeps its id from reuse.
 _OWN_KEYS = frozenset(("event", "level", "timestamp", "exc_info", "refused"))
 _NO_CONTEXT: tuple[Any, bytes | None, frozenset[str]] = (None, None, _OWN_KEYS)
 _op_context = _NO_CONTEXT
@@ -465,7 +465,7 @@ def _op_line(context: dict[str, Any], fields: dict[str, Any]) -> bytes | None:
     not JSON's own type, a field named as a context member, a line to cut.
 
     An audit line at audit = mutations comes after requests that wrote none, with the
-    processors' code out of the caches: this way touches less (tests/test_log_sinks.py
+    processors' code out of the caches: this way touches less (tests/test_events.py
     checks that both ways write the same bytes)."""
     global _op_context
     if _op_context[0] is not context:
