@@ -1,5 +1,6 @@
-# cython: binding=True
-# (Compiled by setup.py; binding: the functions _written makes are _Writer's methods.)
+# cython: binding=True, annotation_typing=False
+# (Compiled by setup.py. binding: the functions _written makes are _Writer's methods;
+# no annotation typing: a str or bytes subclass is logged as interpreted, not refused.)
 """Logging for every proxyd process: structlog, one event per line, JSON by default.
 
 * Each line is written with one write(2) and is never longer than PIPE_BUF, so lines

@@ -371,6 +371,19 @@ def test_an_op_line_at_the_pipe_limit_is_cut_as_structlog_cuts_it(tmp_path: Path
         assert (b'"truncated"' in short) == (extra > 0), extra
 
 
+class _Name(str):
+    """A str subclass (an enum.StrEnum member is one)."""
+
+
+def test_a_str_subclass_is_logged_as_a_str(tmp_path: Path) -> None:
+    """log.py is compiled: a value or argument of a str or bytes subclass is still
+    logged as the interpreter logs it, not refused by a compiled type check."""
+    assert log.escape(_Name("a\x1b")) == "a\\x1b"
+    assert log.printable(bytearray(b"/p")) == "/p"
+    short, long = _both_ways(tmp_path, {"role": _Name("worker")}, {"op": _Name("chmod\x1b")})
+    assert short == long and b'"role":"worker"' in short and b'"op":"chmod\\\\x1b"' in short
+
+
 def test_an_audit_event_takes_the_short_way(tmp_path: Path) -> None:
     """The worker's context and a request's fields, plain ASCII: rendered without the
     processors (else the property above would hold of the long way alone)."""
