@@ -458,16 +458,46 @@ _NO_CONTEXT: tuple[Any, bytes | None, frozenset[str]] = (None, None, _OWN_KEYS)
 _op_context = _NO_CONTEXT
 
 
+def op_json(logger: Any, keys: frozenset[str], rendered: bytes) -> bool:
+    """Write the info `op` event whose fields (named `keys`) are already JSON members
+    as orjson writes them, nothing in them to escape: b'"op":"chmod","path":"/a"'
+    (server.audit_json). False where it must go as a dict through log.op instead: a
+    console format, syslog, a context that needs escaping or holds one of `keys`, a
+    line to cut. True when written, or when the level writes no info event."""
+    if _min_level > logging.INFO:
+        return True
+    if not _json or _sink.syslog:
+        return False
+    line = _line(structlog.get_context(logger), keys, rendered)
+    if line is None:
+        return False
+    _sink.write(line)
+    return True
+
+
 def _op_line(context: dict[str, Any], fields: dict[str, Any]) -> bytes | None:
     """The info `op` line (newline included) exactly as the processors would write it
-    in JSON, without them: the context's members rendered once per context, the
-    fields by orjson, then `event`, `level` and `timestamp` in the processors' order.
-    None where the long way must run: a context or field that needs escaping or is
-    not JSON's own type, a field named as a context member, a line to cut.
+    in JSON, without them: the fields by orjson, then as _line. None where the long
+    way must run: a field that needs escaping or is not JSON's own type, or as _line.
 
     An audit line at audit = mutations comes after requests that wrote none, with the
     processors' code out of the caches: this way touches less (tests/test_events.py
     checks that both ways write the same bytes)."""
+    try:
+        rendered = orjson.dumps(fields, option=_ORJSON_PLAIN)[1:-1]
+    except TypeError:
+        return None
+    if not _plain(rendered):
+        return None
+    return _line(context, fields.keys(), rendered)
+
+
+def _line(context: dict[str, Any], keys: Any, rendered: bytes) -> bytes | None:
+    """The info `op` line of the fields named `keys`, `rendered` as JSON members, in
+    `context`: the context's members rendered once per context, then the fields, then
+    `event`, `level` and `timestamp` in the processors' order. None where the long way
+    must run: a context that needs escaping or is not JSON's own type, a field named
+    as a context member or a processor's own key, a line to cut."""
     global _op_context
     if _op_context[0] is not context:
         try:
@@ -477,15 +507,9 @@ def _op_line(context: dict[str, Any], fields: dict[str, Any]) -> bytes | None:
         if members is not None and not (_plain(members) and _OWN_KEYS.isdisjoint(context)):
             members = None
         _op_context = (context, members, _OWN_KEYS.union(context))
-    _, members, keys = _op_context
-    if members is None or not keys.isdisjoint(fields):
+    _, members, taken = _op_context
+    if members is None or not taken.isdisjoint(keys):
         return None
-    try:
-        rendered = orjson.dumps(fields, option=_ORJSON_PLAIN)[1:-1]
-    except TypeError:
-        return None
-    if not (rendered.isascii() and b"\\" not in rendered and b"\x7f" not in rendered):
-        return None  # (_plain, inline: this is every audited request's path)
     us = time.time_ns() // 1000
     line = b"".join(
         (

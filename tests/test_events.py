@@ -20,10 +20,11 @@ from pathlib import Path
 import orjson
 import pytest
 import structlog
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxyd import log, sink
+from proxyd import log, server, sink
+from proxyd import protocol as p
 from tests.daemon import Daemon, wait_until
 from tests.proxyclient import CHECKOUT, OP_NAMES, ProxyClient, errno_of
 
@@ -326,15 +327,20 @@ _KEYS = st.sampled_from(("event", "level", "timestamp", "refused", "pid", "op"))
 )
 
 
-def _both_ways(tmp: Path, context: dict, fields: dict) -> tuple[bytes, bytes]:
-    """The line log.op writes and the line structlog's own `logger.info("op", ...)`
-    writes for the same event, in this process, their time stamps blanked."""
+def _both_ways(
+    tmp: Path, context: dict, fields: dict, members: bytes | None = None
+) -> tuple[bytes, bytes]:
+    """The line log.op writes (with `members`, the fields as JSON: log.op_json, else
+    log.op, as the serving loop does) and the line structlog's own
+    `logger.info("op", ...)` writes for the same event, in this process, their time
+    stamps blanked."""
     out = tmp / "op.log"
     out.write_bytes(b"")
     log.configure("json", "info", destination=sink.for_file(os.open(out, os.O_WRONLY)))
     try:
         logger = structlog.get_logger().bind(**context)
-        log.op(logger, dict(fields))
+        if members is None or not log.op_json(logger, frozenset(fields), members):
+            log.op(logger, dict(fields))
         logger.info("op", **fields)
     finally:
         log.configure("json", "info", destination=sink.Sink(2))
@@ -392,6 +398,87 @@ def test_an_audit_event_takes_the_short_way(tmp_path: Path) -> None:
     assert log._op_line(context, fields) is not None
     short, long = _both_ways(tmp_path, context, fields)
     assert short == long and b'"path":"/a b"' in short
+
+
+# The decoded arguments of each request type, as protocol.DECODERS gives them: b for
+# bytes (a path, a name, a value), i for an int.
+_ARGUMENTS = {
+    p.T_OPEN: "bi",
+    p.T_CREATE: "biiii",
+    p.T_MKNOD: "iibii",
+    p.T_MKDIR: "iibi",
+    p.T_SYMLINK: "iibb",
+    p.T_LINK: "bb",
+    p.T_LSTAT: "b",
+    p.T_READLINK: "bi",
+    p.T_STATFS: "b",
+    p.T_CHMOD: "bi",
+    p.T_CHOWN: "bii",
+    p.T_TRUNCATE: "bi",
+    p.T_UTIME: "biiii",
+    p.T_RENAME: "bb",
+    p.T_REMOVE: "b",
+    p.T_LGETXATTR: "ibb",
+    p.T_LLISTXATTR: "ib",
+    p.T_LSETXATTR: "bbbii",
+    p.T_LREMOVEXATTR: "bb",
+    p.T_GETVERSION: "b",
+}
+_ARGUMENT = {
+    "b": st.from_regex(rb"[ -~]{0,24}", fullmatch=True) | st.binary(max_size=24),
+    "i": st.integers(-(2**63), 2**63 - 1),
+}
+
+
+@st.composite
+def _request_arguments(draw: st.DrawFn) -> tuple[int, tuple]:
+    code = draw(st.sampled_from(sorted(_ARGUMENTS)))
+    return code, tuple(draw(_ARGUMENT[kind]) for kind in _ARGUMENTS[code])
+
+
+@settings(max_examples=300)
+@given(
+    # a worker's own context most often (nothing in it makes the line go the long way)
+    st.just({"pid": 7, "role": "worker", "export": "e", "worker": 0, "conn": 1})
+    | st.dictionaries(_KEYS, _VALUES, max_size=4),
+    _request_arguments(),
+    st.integers(0, 140),
+    st.none() | st.integers(0, 2**40),
+)
+def test_an_audit_line_written_from_its_arguments_is_the_line_structlog_writes(
+    tmp_path_factory: pytest.TempPathFactory,
+    context: dict,
+    request: tuple[int, tuple],
+    err: int,
+    dur_us: int | None,
+) -> None:
+    """The serving loop writes a request's op event from its decoded arguments as
+    JSON (server.audit_json, log.op_json) where it can, else as a dict: whatever the
+    request type, its paths and numbers and the logger's context, the line is the one
+    structlog writes for server.audit_fields' dict."""
+    code, args = request
+    fields = server.audit_fields(code, args)
+    fields["result"] = log.result_name(err)
+    members = server.audit_json(code, args)
+    if members is not None:
+        members += b',"result":"%s"' % fields["result"].encode()
+    if dur_us is not None:
+        fields["dur_us"] = dur_us
+        if members is not None:
+            members += b',"dur_us":%d' % dur_us
+    short, long = _both_ways(tmp_path_factory.mktemp("op"), context, fields, members)
+    assert short == long
+
+
+def test_a_plain_request_is_written_from_its_arguments() -> None:
+    """Plain paths take audit_json's way (else the property above would hold of the
+    dict's way alone); a path JSON writes otherwise does not."""
+    assert server.audit_json(p.T_CHMOD, (b"/a b", 0o100644)) == (
+        b'"op":"chmod","path":"/a b","mode":"0o644"'
+    )
+    assert server.audit_json(p.T_UTIME, (b"/t", 1, 2, 3, 4)).endswith(b'"mtime":[3,4]')
+    for path in (b'/a"', b"/a\\", b"/a\x1b", b"/a\x7f", "/é".encode()):
+        assert server.audit_json(p.T_RENAME, (b"/ok", path)) is None, path
 
 
 _OP_LINES = """
