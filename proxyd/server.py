@@ -744,23 +744,18 @@ class Server:
         self._refusal = None
         if self._slot.fields[slot.LOG_EPOCH] != self.log_epoch:  # a reopened log file waits
             self._on_log_reopen()
-        result = log.result_name(err)
         dur_us = ((ended or _now()) - started) // 1000 if started else None
         if args is not None and refusal is None and self._id_maps is None:
-            members = audit_json(code, args)
-            if members is not None:
-                members += b',"result":"%s"' % result.encode()
-                if dur_us is not None:
-                    members += b',"dur_us":%d' % dur_us
-                if log.op_json(self._log, _OP_KEYS[code], members):
-                    return
+            members = audit_json(code, args, err, dur_us)
+            if members is not None and log.op_json(self._log, _OP_KEYS[code], members):
+                return
         if args is None:
             fields = {"op": p.REQUESTS[code].name, "malformed": True}
         else:
             fields = audit_fields(code, args)
         if self._id_maps is not None and "uid" in fields:
             host_ids(fields, *self._id_maps)
-        fields["result"] = result
+        fields["result"] = log.result_name(err)
         if dur_us is not None:
             fields["dur_us"] = dur_us
         log.op(self._log, fields, refusal)
@@ -860,7 +855,12 @@ def host_ids(fields: dict[str, Any], uid_map: IdMap, gid_map: IdMap) -> None:
 # The fields of each request's `op` event after `op` (docs/events.md), in order:
 # (field, index in the decoded arguments, how it is written). One table for both ways
 # of writing the event: audit_fields (a dict, for structlog) and audit_json.
-_PATH, _INT, _MODE, _FILE_MODE, _FLAGS, _TIMES = range(6)  # _TIMES: [s, ns] from index
+_PATH = cython.declare(cython.int, 0)
+_INT = cython.declare(cython.int, 1)
+_MODE = cython.declare(cython.int, 2)
+_FILE_MODE = cython.declare(cython.int, 3)  # MKNOD's: with the file type
+_FLAGS = cython.declare(cython.int, 4)
+_TIMES = cython.declare(cython.int, 5)  # [s, ns] from the index on
 _PATH_ONLY = (("path", 0, _PATH),)
 _OP_FIELDS: dict[int, tuple[tuple[str, int, int], ...]] = {
     p.T_OPEN: (("path", 0, _PATH), ("flags", 1, _FLAGS)),
@@ -929,13 +929,19 @@ def audit_fields(code: int, args: tuple) -> dict[str, Any]:
 
 
 # audit_json's pieces, per request code: `"op":"chmod"`, then per field its `,"name":`
-# with its index and kind; and the names of the event's fields (the context must hold
-# none of them, as for log.op).
-_OP_JSON = {code: b'"op":"%s"' % p.REQUESTS[code].name.encode() for code in _OP_FIELDS}
-_FIELDS_JSON = {
-    code: tuple((b',"%s":' % name.encode(), index, kind) for name, index, kind in fields)
-    for code, fields in _OP_FIELDS.items()
-}
+# (with the opening quote of a path) with its index and kind; and the names of the
+# event's fields (the context must hold none of them, as for log.op).
+_OP_JSON = [
+    b'"op":"%s"' % p.REQUESTS[code].name.encode() if code in _OP_FIELDS else None
+    for code in range(max(_OP_FIELDS) + 1)
+]
+_FIELDS_JSON = [
+    tuple(
+        (b',"%s":%s' % (name.encode(), b'"' if kind == _PATH else b""), index, kind)
+        for name, index, kind in _OP_FIELDS.get(code, ())
+    )
+    for code in range(max(_OP_FIELDS) + 1)
+]
 _OP_KEYS = {
     code: frozenset(("op", "result", "dur_us", *(name for name, _, _ in fields)))
     for code, fields in _OP_FIELDS.items()
@@ -960,12 +966,23 @@ def _plain_path(path: bytes) -> cython.bint:
     return True
 
 
+@functools.lru_cache(maxsize=256)  # bounded: errno values
+def _result_json(err: int) -> bytes:
+    return b',"result":"%s"' % log.result_name(err).encode()
+
+
 @cython.ccall
-def audit_json(code: int, args: tuple) -> bytes | None:
-    """audit_fields(code, args) as the members of a JSON object, exactly as orjson
-    writes them after log.escape: b'"op":"chmod","path":"/a","mode":"0o644"'. None
-    where a path or name holds a byte JSON or log.escape would write otherwise (the
-    dict and structlog's processors write that event)."""
+@cython.locals(index=cython.Py_ssize_t, kind=cython.int)
+def audit_json(
+    code: cython.Py_ssize_t, args: tuple, err: int, dur_us: int | None
+) -> bytearray | None:
+    """The fields of the `op` event of request `code` with decoded arguments `args`,
+    answered `err` (0: ok) in `dur_us` (None: not timed), as the members of a JSON
+    object exactly as orjson writes them after log.escape:
+    b'"op":"chmod","path":"/a","mode":"0o644","result":"ok","dur_us":7'
+    (audit_fields(code, args), then `result` and `dur_us`). None where a path or name
+    holds a byte JSON or log.escape would write otherwise (the dict and structlog's
+    processors write that event)."""
     out = bytearray(_OP_JSON[code])
     for name, index, kind in _FIELDS_JSON[code]:
         value = args[index]
@@ -973,7 +990,8 @@ def audit_json(code: int, args: tuple) -> bytes | None:
         if kind == _PATH:
             if not _plain_path(value):
                 return None
-            out += b'"%s"' % value
+            out += value
+            out += b'"'
         elif kind == _MODE:
             out += b'"0o%o"' % (value & 0o7777)
         elif kind == _FILE_MODE:
@@ -984,4 +1002,7 @@ def audit_json(code: int, args: tuple) -> bytes | None:
             out += b"[%d,%d]" % (value, args[index + 1])
         else:
             out += b"%d" % value
-    return bytes(out)
+    out += _result_json(err)
+    if dur_us is not None:
+        out += b',"dur_us":%d' % dur_us
+    return out
