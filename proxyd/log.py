@@ -237,7 +237,7 @@ def _timestamp(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
 
 
 # The last second formatted: its number, its date and time as the `timestamp` field
-# writes them, and an op line's tail up to the fraction of that second (_op_line).
+# writes them, and an op line's tail up to the fraction of that second (_line).
 _OP_TAIL = b'"event":"op","level":"info","timestamp":"'
 _second: tuple[int, str, bytes] = (-1, "", b"")
 
@@ -449,7 +449,7 @@ def op(logger: Any, fields: dict[str, Any], refused: str | None = None) -> None:
     getattr(_WRITER, level)(event)
 
 
-# The context whose JSON _op_line last rendered: (context, its members as JSON or None
+# The context whose JSON _line last rendered: (context, its members as JSON or None
 # where the long way must clean them, the keys a field must not have: the context's and
 # those the processors add). A bound context is never changed (bind makes a new one),
 # so the same object renders the same members; holding it keeps its id from reuse.
@@ -458,7 +458,7 @@ _NO_CONTEXT: tuple[Any, bytes | None, frozenset[str]] = (None, None, _OWN_KEYS)
 _op_context = _NO_CONTEXT
 
 
-def op_json(logger: Any, keys: frozenset[str], rendered: bytes) -> bool:
+def op_json(logger: Any, keys: frozenset[str], rendered: bytes | bytearray) -> bool:
     """Write the info `op` event whose fields (named `keys`) are already JSON members
     as orjson writes them, nothing in them to escape: b'"op":"chmod","path":"/a"'
     (server.audit_json). False where it must go as a dict through log.op instead: a
@@ -492,7 +492,7 @@ def _op_line(context: dict[str, Any], fields: dict[str, Any]) -> bytes | None:
     return _line(context, fields.keys(), rendered)
 
 
-def _line(context: dict[str, Any], keys: Any, rendered: bytes) -> bytes | None:
+def _line(context: dict[str, Any], keys: Any, rendered: bytes | bytearray) -> bytes | None:
     """The info `op` line of the fields named `keys`, `rendered` as JSON members, in
     `context`: the context's members rendered once per context, then the fields, then
     `event`, `level` and `timestamp` in the processors' order. None where the long way

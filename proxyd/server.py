@@ -101,9 +101,9 @@ def request_handlers(ops: ExportOps) -> list[Handler | None]:
     """Handlers indexed by request code: the decoded payload (DECODERS' tuple) ->
     reply bytes (or an fd for OPEN/CREATE).
 
-    Each handler runs the operation and encodes the success reply; failures propagate
-    as OSError to the serving loop. The loop decodes (request_decoders), so that the audit
-    event reuses the arguments.
+    Each handler runs the operation and encodes the success reply; failures (OSError,
+    ValueError for a value the kernel cannot take) propagate to the serving loop. The
+    loop decodes (request_decoders), so that the audit event reuses the arguments.
     """
 
     def status(op: Callable) -> Handler:
@@ -737,17 +737,18 @@ class Server:
 
         A security refusal (special file, read-only export) is a warning, and is
         logged even where the audit level would not log the request. The common
-        event (info, the guest's ids as they are, names with nothing to escape) is
-        written from audit_json without a dict.
+        event (info, no host ids to add, names with nothing to escape) is written from
+        audit_json without a dict.
         """
         refusal = self._refusal if err else None
         self._refusal = None
         if self._slot.fields[slot.LOG_EPOCH] != self.log_epoch:  # a reopened log file waits
             self._on_log_reopen()
         dur_us = ((ended or _now()) - started) // 1000 if started else None
-        if args is not None and refusal is None and self._id_maps is None:
+        keys = _OP_KEYS[code]
+        if args is not None and refusal is None and (self._id_maps is None or "uid" not in keys):
             members = audit_json(code, args, err, dur_us)
-            if members is not None and log.op_json(self._log, _OP_KEYS[code], members):
+            if members is not None and log.op_json(self._log, keys, members):
                 return
         if args is None:
             fields = {"op": p.REQUESTS[code].name, "malformed": True}
@@ -832,7 +833,7 @@ def cut_short_fields(request: bytes, audit: str) -> dict[str, Any]:
         args = p.DECODERS[code](request[p.HEADER_SIZE : p.HEADER_SIZE + size])
     except p.MalformedRequest:
         return {}
-    if audited == AUDIT_IF_WRITING and not args[1] & _WRITING:
+    if audited == AUDIT_IF_WRITING and not args[1] & _WRITING:  # (OPEN's flags)
         return {}  # a read-only OPEN at "mutations"
     fields = audit_fields(code, args)
     del fields["op"]
@@ -942,10 +943,10 @@ _FIELDS_JSON = [
     )
     for code in range(max(_OP_FIELDS) + 1)
 ]
-_OP_KEYS = {
-    code: frozenset(("op", "result", "dur_us", *(name for name, _, _ in fields)))
-    for code, fields in _OP_FIELDS.items()
-}
+_OP_KEYS = [
+    frozenset(("op", "result", "dur_us", *(name for name, _, _ in _OP_FIELDS.get(code, ()))))
+    for code in range(max(_OP_FIELDS) + 1)
+]
 
 
 @functools.lru_cache(maxsize=256)  # bounded: the guest picks the flags

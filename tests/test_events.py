@@ -466,6 +466,61 @@ def test_an_audit_line_written_from_its_arguments_is_the_line_structlog_writes(
     assert short == long
 
 
+# Each request type's decoded arguments (protocol.DECODERS' order) with distinct values,
+# and the fields its op event carries (docs/events.md), written out by hand.
+_SCHEMA = [
+    (p.T_OPEN, (b"/o", 0o101), {"path": "/o", "flags": "O_WRONLY|O_CREAT"}),
+    (
+        p.T_CREATE,
+        (b"/c", 0o1, 0o100640, 11, 12),
+        {"path": "/c", "flags": "O_WRONLY", "mode": "0o640", "uid": 11, "gid": 12},
+    ),
+    (
+        p.T_MKNOD,
+        (11, 12, b"/n", 0o10644, 13),
+        {"path": "/n", "mode": "0o10644", "rdev": 13, "uid": 11, "gid": 12},
+    ),
+    (p.T_MKDIR, (11, 12, b"/d", 0o40755), {"path": "/d", "mode": "0o755", "uid": 11, "gid": 12}),
+    (
+        p.T_SYMLINK,
+        (11, 12, b"/target", b"/s"),
+        {"path": "/s", "path2": "/target", "uid": 11, "gid": 12},
+    ),
+    (p.T_LINK, (b"/a", b"/b"), {"path": "/a", "path2": "/b"}),
+    (p.T_RENAME, (b"/a", b"/b"), {"path": "/a", "path2": "/b"}),
+    (p.T_READLINK, (b"/l", 14), {"path": "/l", "size": 14}),
+    (p.T_CHMOD, (b"/m", 0o104755), {"path": "/m", "mode": "0o4755"}),
+    (p.T_CHOWN, (b"/w", 11, -1), {"path": "/w", "uid": 11, "gid": -1}),
+    (p.T_TRUNCATE, (b"/t", 2**40), {"path": "/t", "length": 2**40}),
+    (p.T_UTIME, (b"/u", 1, 2, 3, 4), {"path": "/u", "atime": [1, 2], "mtime": [3, 4]}),
+    (p.T_LGETXATTR, (15, b"/x", b"user.a"), {"path": "/x", "name": "user.a", "size": 15}),
+    (p.T_LLISTXATTR, (15, b"/x"), {"path": "/x", "size": 15}),
+    (
+        p.T_LSETXATTR,
+        (b"/x", b"user.a", b"value", 5, 1),
+        {"path": "/x", "name": "user.a", "size": 5, "xattr_flags": 1},
+    ),
+    (p.T_LREMOVEXATTR, (b"/x", b"user.a"), {"path": "/x", "name": "user.a"}),
+    (p.T_LSTAT, (b"/f",), {"path": "/f"}),
+    (p.T_STATFS, (b"/f",), {"path": "/f"}),
+    (p.T_REMOVE, (b"/f",), {"path": "/f"}),
+    (p.T_GETVERSION, (b"/f",), {"path": "/f"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("code", "args", "expected"), _SCHEMA, ids=[OP_NAMES[c - p.T_OPEN] for c, _, _ in _SCHEMA]
+)
+def test_each_request_type_logs_its_own_arguments(code: int, args: tuple, expected: dict) -> None:
+    """Which argument goes in which field, in which order, both ways: the dict
+    (audit_fields) and the JSON (audit_json) the serving loop writes."""
+    fields = server.audit_fields(code, args)
+    assert list(fields.items()) == [("op", OP_NAMES[code - p.T_OPEN]), *expected.items()]
+    members = server.audit_json(code, args, 0, None)
+    assert orjson.loads(b"{%s}" % members) == {**fields, "result": "ok"}
+    assert members.startswith(orjson.dumps(fields)[1:-1])
+
+
 def test_a_plain_request_is_written_from_its_arguments() -> None:
     """Plain paths take audit_json's way (else the property above would hold of the
     dict's way alone); a path JSON writes otherwise does not."""
