@@ -87,6 +87,14 @@ class Worker:
     def name(self) -> str:
         return f"{self.pool.config.name}#{self.index}"
 
+    @property
+    def available(self) -> bool:
+        """Idle, its channel open: a connection can be handed to it. An idle worker
+        whose channel closed (at its EOF: it died or is leaving; or killed for a bad
+        message) is on its way out until SIGCHLD reaps it: neither handed a connection
+        nor counted as a spare."""
+        return self.state == IDLE and self.channel is not None
+
     def signal(self, sig: int) -> None:
         """Send `sig` to the worker, if it still runs. An adopted worker goes by its
         pidfd: not our child, its pid may be another process's as soon as it exits
@@ -132,9 +140,9 @@ class Pool:
         return len(self.workers)
 
     def idle_worker(self) -> Worker | None:
-        """An idle worker of the current generation, if there is one."""
+        """An available idle worker of the current generation, if there is one."""
         for w in self.workers.values():
-            if w.state == IDLE and w.generation == self.generation:
+            if w.available and w.generation == self.generation:
                 return w
         return None
 
@@ -143,7 +151,7 @@ class Pool:
         return sum(
             1
             for w in self.workers.values()
-            if w.state in (IDLE, STARTING) and w.generation == self.generation
+            if (w.state == STARTING or w.available) and w.generation == self.generation
         )
 
     def starts_wanted(self, now: float) -> int:
@@ -167,9 +175,7 @@ class Pool:
         """Idle workers beyond what the pool wants, longest idle first, that have been
         idle IDLE_TRIM seconds (or all of them, `at_once`)."""
         excess = self.spare() - self.min_idle - len(self.pending)
-        idle = sorted(
-            (w for w in self.workers.values() if w.state == IDLE), key=lambda w: w.idle_since
-        )
+        idle = sorted((w for w in self.workers.values() if w.available), key=lambda w: w.idle_since)
         return [w for w in idle[: max(excess, 0)] if at_once or now - w.idle_since >= IDLE_TRIM]
 
     def is_newly_exhausted(self) -> bool:
@@ -186,7 +192,7 @@ class Pool:
         """Adopted workers (proxyd/adopt.py) to ask to leave now: one per idle worker
         of ours not already promised to another one leaving."""
         adopted = [w for w in self.workers.values() if w.pidfd is not None and w.conn]
-        idle = sum(1 for w in self.workers.values() if w.state == IDLE)
+        idle = sum(1 for w in self.workers.values() if w.available)
         free = idle - sum(1 for w in adopted if w.state == RETIRING)
         return [w for w in adopted if w.state == BUSY][: max(free, 0)]
 

@@ -457,6 +457,34 @@ def test_killed_while_executing_a_read_only_request_the_guest_notices_nothing(
         assert not d.events("crash recovery", outcome="answered EIO")
 
 
+def test_an_idle_worker_dying_with_a_busy_one_is_never_handed_its_connection(
+    tmp_path: Path,
+) -> None:
+    """The spare and the busy worker die together (the master stopped meanwhile): the
+    master reads the spare's channel close first, then reaps the busy one, whose
+    connection it hands on at once. The spare, idle but on its way out, must not take
+    it (the master crashed on an assertion there, taking every guest's share down):
+    the guest is answered by a fresh worker and both deaths are logged."""
+    with Daemon(tmp_path, [{"name": "a", "min_idle": 1}]) as d:
+        client = d.connect("a")
+        assert client.lstat("/").ok
+        conn = d.wait_event("connection accepted")[-1]["conn"]
+        busy = d.serving_worker(conn)
+        spare = wait_until(lambda: [pid for pid in d.workers() if pid != busy], what="a spare")[0]
+        d.signal(signal.SIGSTOP)
+        try:
+            os.kill(spare, signal.SIGKILL)  # its channel's end is read first
+            os.kill(busy, signal.SIGKILL)  # the older child: reaped first
+            time.sleep(0.2)
+        finally:
+            d.signal(signal.SIGCONT)
+        assert client.lstat("/").ok
+        assert d.proc.poll() is None
+        died = {e["worker_pid"] for e in d.wait_event("worker died", count=2)}
+        assert died == {busy, spare}
+        assert d.serving_worker(conn) not in (busy, spare)
+
+
 def test_a_request_that_kills_every_worker_ends_its_connection(tmp_path: Path) -> None:
     """The same read-only request in flight at three worker deaths (run again after each)
     is poison: its connection is closed at the third; the daemon and its other guests

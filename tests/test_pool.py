@@ -141,3 +141,20 @@ def test_an_adopted_worker_is_signalled_through_its_pidfd_not_its_pid() -> None:
         for child in (decoy, adopted):
             child.kill()
             child.wait()
+
+
+def test_an_idle_worker_whose_channel_closed_is_no_spare(make) -> None:
+    """A spare whose channel the master closed (it died or was killed, not yet reaped)
+    takes no connection, is no spare, is not trimmed: a replacement is started."""
+    pool, worker, conn = make
+    p = pool(min_idle=1, max_workers=4)
+    gone, ready = worker(p, pl.IDLE), worker(p, pl.IDLE)
+    gone.channel = None
+    conn(p)
+    assert p.idle_worker() is ready
+    assert p.spare() == 1
+    assert p.excess_idle(now=1e9, at_once=True) == []
+    assert p.starts_wanted(now=0.0) == 1  # one spare for min_idle and one waiting: ready
+    ready.channel = None
+    assert p.idle_worker() is None
+    assert p.starts_wanted(now=0.0) == 2
