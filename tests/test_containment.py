@@ -470,7 +470,8 @@ def test_an_idle_worker_dying_with_a_busy_one_is_never_handed_its_connection(
         assert client.lstat("/").ok
         conn = d.wait_event("connection accepted")[-1]["conn"]
         busy = d.serving_worker(conn)
-        spare = wait_until(lambda: [pid for pid in d.workers() if pid != busy], what="a spare")[0]
+        spawned = d.wait_event("worker spawned", count=2)  # at ready: the spare is idle
+        spare = next(e["worker_pid"] for e in spawned if e["worker_pid"] != busy)
         d.signal(signal.SIGSTOP)
         try:
             os.kill(spare, signal.SIGKILL)  # its channel's end is read first
@@ -483,6 +484,39 @@ def test_an_idle_worker_dying_with_a_busy_one_is_never_handed_its_connection(
         died = {e["worker_pid"] for e in d.wait_event("worker died", count=2)}
         assert died == {busy, spare}
         assert d.serving_worker(conn) not in (busy, spare)
+
+
+def test_workers_killed_together_in_any_order_cost_no_guest_its_mount(tmp_path: Path) -> None:
+    """The class of the test above: rounds of random sets of workers, busy and spare,
+    SIGKILLed in random order while the master is stopped, so that it finds their
+    channels closed and their exits in one batch. Every quiet guest is answered after
+    every round, the master lives, and every death is logged as one."""
+    rng = random.Random(1130)
+    with Daemon(tmp_path, [{"name": "a", "min_idle": 2, "max_workers": 8}]) as d:
+        clients = [d.connect("a") for _ in range(3)]
+        assert all(c.lstat("/").ok for c in clients)
+        killed: set[int] = set()
+
+        def all_ready() -> list[int] | None:  # 3 busy, 2 spares, each seen ready
+            ready = {e["worker_pid"] for e in d.events("worker spawned")}
+            workers = d.workers()
+            return workers if len(workers) == 5 and set(workers) <= ready else None
+
+        for _ in range(12):
+            workers = wait_until(all_ready, what="five workers ready")
+            victims = rng.sample(workers, rng.randint(1, len(workers)))
+            d.signal(signal.SIGSTOP)
+            try:
+                for pid in victims:
+                    os.kill(pid, signal.SIGKILL)
+                time.sleep(0.05)
+            finally:
+                d.signal(signal.SIGCONT)
+            killed.update(victims)
+            assert all(c.lstat("/").ok for c in clients)
+            assert d.proc.poll() is None
+        died = d.wait_event("worker died", count=len(killed))
+        assert {e["worker_pid"] for e in died} == killed
 
 
 def test_a_request_that_kills_every_worker_ends_its_connection(tmp_path: Path) -> None:
